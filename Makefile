@@ -1,0 +1,37 @@
+# make demo: set up and run the offline CPU demo (a named DVC experiment); make test: set up and run the tests.
+SHARED ?= ../shared
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+OFFLINE := HF_HUB_CACHE=$(abspath $(SHARED))/hf/hub HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: setup demo paper test lint shared
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+shared:
+	@test -f $(SHARED)/data/imdb/train.parquet -a -f $(SHARED)/data/imdb/test.parquet -a -d $(SHARED)/hf/hub || { \
+	  echo "error: the offline demo needs $(SHARED)/data/imdb/{train,test}.parquet and the hub cache $(SHARED)/hf/hub" \
+	       "(tokenizer + config of both models); put them there or pass SHARED=/path/to/shared"; exit 1; }
+
+demo: setup shared
+	-@dvc exp remove -q demo 2>/dev/null
+	$(OFFLINE) dvc exp run -n demo $$($(PY) -m duel.profile profiles/demo.yaml)
+	@dvc exp show --only-changed --md --no-pager | head -20
+	@echo "demo: report in reports/report.md; metrics in metrics/; 'dvc plots show' draws the curves"
+
+paper: setup
+	-@dvc exp remove -q paper 2>/dev/null
+	dvc exp run -n paper $$($(PY) -m duel.profile profiles/paper.yaml)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup shared lint
+	$(OFFLINE) $(PY) -m pytest -q -ra

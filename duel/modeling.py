@@ -1,0 +1,191 @@
+"""Resolve, build and load the models: hub checkpoints pinned to a commit, or seeded random weights from the real
+config; 4-bit NF4 loading through bitsandbytes; LoRA through PEFT."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from duel.io import atomic_dir, read_json, write_json
+from duel.params import ModelParams, Params, QuantizationParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VERSIONED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "dvclive", "flash-attn"]
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+class ModelError(ValueError):
+    """A model that cannot be resolved or loaded; the message names it and the fix."""
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    found["cuda"] = torch.version.cuda
+    found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return found
+
+
+def _hub_call(key: str, model: ModelParams, fn: Any, **kwargs: Any) -> Any:
+    """Call a hub-backed loader and turn its many failure types into one line naming the model and the fix."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return fn(model.checkpoint, revision=model.revision, trust_remote_code=model.trust_remote_code, **kwargs)
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"models.{key}.checkpoint: {model.checkpoint!r} does not exist on the hub; check the id"
+        ) from None
+    except GatedRepoError:
+        raise ModelError(
+            f"models.{key}.checkpoint: {model.checkpoint!r} is gated; accept its licence on the hub and export HF_TOKEN"
+        ) from None
+    except (LocalEntryNotFoundError, OSError) as err:
+        if Path(model.checkpoint).exists():
+            raise ModelError(f"models.{key}.checkpoint: cannot load {model.checkpoint} ({err})") from None
+        raise ModelError(
+            f"models.{key}.checkpoint: {model.checkpoint!r} is not reachable on the hub and not in the cache "
+            f"({type(err).__name__}); to run offline set HF_HUB_OFFLINE=1 and HF_HUB_CACHE to a cache that holds "
+            "it, or use a local folder"
+        ) from None
+
+
+def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Write models/base/<key>/: tokenizer, config and model.json; the weights too when init is random.
+
+    Pretrained weights stay in the Hugging Face cache (13 GB does not belong in the DVC cache): model.json pins the
+    resolved commit so later stages load exactly those files, offline.
+    """
+    # The checkpoint's tokenizer.json as it is: transformers 5's AutoTokenizer maps DeepSeek-LLM's
+    # "LlamaTokenizerFast" class onto Llama's Metaspace pre-tokenizer, which drops every space of its byte-level BPE
+    # ("Hello world" -> "H", "ellow", "orld"). Loading the file directly keeps Llama-2's tokens unchanged too.
+    tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained)
+    config = _hub_call(key, model, AutoConfig.from_pretrained)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        if model.init == "random":
+            for field, value in model.overrides.items():
+                if not hasattr(config, field):
+                    raise ModelError(f"models.{key}.overrides.{field}: not a field of {type(config).__name__}")
+                setattr(config, field, value)
+            torch.manual_seed(seed)
+            built = AutoModelForCausalLM.from_config(config, dtype=DTYPES["bfloat16"])
+            built.save_pretrained(tmp, safe_serialization=True)
+            info = {
+                "source": "random",
+                "path": str(out_dir),
+                "revision": None,
+                "seed": seed,
+                "num_parameters": built.num_parameters(),
+            }
+        else:
+            from huggingface_hub import snapshot_download
+
+            if Path(model.checkpoint).is_dir():
+                path, commit = str(Path(model.checkpoint).resolve()), None
+            else:
+                path = _hub_call(key, model, _snapshot, snapshot_download=snapshot_download)
+                commit = Path(path).name
+            config.save_pretrained(tmp)
+            info = {"source": "pretrained", "path": path, "revision": commit, "seed": None, "num_parameters": None}
+        info |= {
+            "key": key,
+            "checkpoint": model.checkpoint,
+            "requested_revision": model.revision,
+            "architecture": config.architectures,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings,
+        }
+        write_json(tmp / "model.json", info)
+    return info
+
+
+def _snapshot(repo_id: str, revision: str, trust_remote_code: bool, snapshot_download: Any) -> str:
+    # Only safetensors weights are fetched: pickled .bin files can run code when loaded.
+    return snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS)
+
+
+def model_info(base_dir: Path) -> dict[str, Any]:
+    return read_json(base_dir / "model.json")
+
+
+def load_tokenizer(base_dir: Path) -> Any:
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)  # tokenizer.json as saved (see resolve_model)
+    if tokenizer.pad_token_id is None:  # Llama-2 has none; pad positions are masked, so any id works
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return "flash_attention_2" if has_flash else "sdpa"
+
+
+def quantization_config(params: QuantizationParams) -> BitsAndBytesConfig | None:
+    if not params.enabled:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=params.quant_type,
+        bnb_4bit_use_double_quant=params.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[params.compute_dtype],
+    )
+
+
+def load_base_model(base_dir: Path, model: ModelParams, params: Params, attention: str) -> PreTrainedModel:
+    """The base model, 4-bit when quantization is on, on the GPU when there is one; no adapter yet."""
+    info = model_info(base_dir)
+    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    loaded = AutoModelForCausalLM.from_pretrained(
+        info["path"],  # a local folder: the random checkpoint, or the pinned hub snapshot
+        dtype=DTYPES[params.quantization.compute_dtype],
+        quantization_config=quantization_config(params.quantization),
+        attn_implementation=attention,
+        device_map=device_map,
+        use_safetensors=True,
+        trust_remote_code=model.trust_remote_code,
+        local_files_only=True,
+    )
+    loaded.config.use_cache = False  # no generation here; the KV cache only costs memory in training
+    return loaded
+
+
+def add_lora(base: PreTrainedModel, model: ModelParams, params: Params) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if params.quantization.enabled:
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=params.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif params.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    lora = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=model.lora_targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)

@@ -1,0 +1,254 @@
+"""Typed, frozen view of params.yaml. Loaded once per stage; an unknown key, a wrong type or a contradiction raises
+ParamsError naming the key and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A bad value in params.yaml; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    """Hub data set id (stanfordnlp/imdb), URL of aclImdb_v1.tar.gz, or a local folder (parquet files or aclImdb)."""
+    source_sha256: str | None
+    """Expected SHA-256 of a URL source; null skips the check (the checksum is recorded either way)."""
+    train_size: int
+    """Training reviews drawn, stratified by label (paper: 200 steps x 16 = 3,200)."""
+    test_size: int
+    """Test reviews drawn, stratified by label (25,000 = the whole IMDB test split)."""
+    max_length: int
+    """Tokens per example, prompt and answer included; longer reviews are cut at the end."""
+    prompt: str
+    """Prompt template; {review} is replaced by the review text. The answer token follows it."""
+    label_words: list[str]
+    """Verbalizer: label_words[label] is the answer; each must be a single token for every model."""
+
+    def __post_init__(self) -> None:
+        _positive("data.train_size", self.train_size)
+        _positive("data.test_size", self.test_size)
+        _positive("data.max_length", self.max_length)
+        if "{review}" not in self.prompt:
+            raise ParamsError("data.prompt: must contain '{review}' where the review text goes")
+        if len(self.label_words) != 2 or len(set(self.label_words)) != 2:
+            raise ParamsError("data.label_words: give two different words, [negative_word, positive_word]")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    checkpoint: str
+    """Hub id (meta-llama/Llama-2-7b-hf) or local folder of a Hugging Face checkpoint."""
+    revision: str
+    """Branch, tag or commit of the hub checkpoint; the resolved commit is recorded."""
+    init: Literal["pretrained", "random"]
+    """pretrained: the checkpoint's weights; random: its architecture with seeded random weights (no download)."""
+    overrides: dict[str, int | float]
+    """Config fields replaced before building a random model (e.g. num_hidden_layers: 2 for a tiny demo)."""
+    lora_targets: list[str]
+    """Module names LoRA adapts (the seven projections of a Llama block)."""
+    trust_remote_code: bool
+    """Run code shipped with the checkpoint; off unless you trust its author."""
+
+    def __post_init__(self) -> None:
+        if self.overrides and self.init != "random":
+            raise ParamsError("models.*.overrides: only allowed with init: random (pretrained weights fix the shape)")
+        if not self.lora_targets:
+            raise ParamsError("models.*.lora_targets: name at least one module, e.g. [q_proj, v_proj]")
+
+
+@dataclass(frozen=True)
+class QuantizationParams:
+    enabled: bool
+    """Load the base weights in 4 bits through bitsandbytes (QLoRA)."""
+    quant_type: Literal["nf4", "fp4"]
+    double_quant: bool
+    """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+
+    def __post_init__(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ParamsError(f"lora.dropout: {self.dropout} is outside [0, 1); use e.g. 0.05")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    steps: int
+    """Optimizer steps (paper: 200)."""
+    batch_size: int
+    """Reviews per optimizer step (paper: 16). What is learned depends on this, not on micro_batch."""
+    micro_batch: int
+    """Reviews per forward pass; batch_size / micro_batch passes are accumulated (paper: 1 x 16)."""
+    learning_rate: float
+    lr_scheduler: Literal["linear", "constant", "cosine"]
+    warmup_steps: int
+    optimizer: Literal["adamw_torch_fused", "adamw_torch", "paged_adamw_8bit"]
+    precision: Literal["bf16", "fp16", "fp32"]
+    """Mixed precision of the trainable part (paper: fp16)."""
+    gradient_checkpointing: bool
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"]
+    """auto: flash_attention_2 when installed, else sdpa. The one used is recorded."""
+    padding: Literal["longest", "max_length"]
+    """longest: pad each micro-batch to its longest review; max_length: pad everything (paper)."""
+    logging_steps: int
+    save_steps: int
+    """Checkpoint every N steps so a crashed run resumes (0: never)."""
+    memory_budget_gib: float | None
+    """Cap on GPU memory for training (null: the whole GPU), enforced through torch's allocator."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "micro_batch", "logging_steps"):
+            _positive(f"train.{key}", getattr(self, key))
+        if self.learning_rate <= 0:
+            raise ParamsError(f"train.learning_rate: {self.learning_rate} must be > 0; the paper uses 2e-5")
+        if self.batch_size % self.micro_batch:
+            raise ParamsError(
+                f"train.micro_batch: {self.micro_batch} does not divide train.batch_size {self.batch_size}; "
+                "use a divisor so the effective batch stays the same"
+            )
+        if self.save_steps < 0 or self.warmup_steps < 0:
+            raise ParamsError("train.save_steps / train.warmup_steps: must be >= 0")
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step: 16 reviews / micro-batch 1 = 16 passes (paper)."""
+        return self.batch_size // self.micro_batch
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int
+    """Test reviews per forward pass (sorted by length, so padding stays small)."""
+    zero_shot: bool
+    """Also score each base model without its adapter, on the same reviews."""
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    models: dict[str, ModelParams]
+    quantization: QuantizationParams
+    lora: LoraParams
+    train: TrainParams
+    eval: EvalParams
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ParamsError("models: define at least one model section (e.g. llama)")
+        if self.train.precision == "fp16" and self.quantization.compute_dtype == "bfloat16":
+            raise ParamsError(
+                "train.precision: fp16 with quantization.compute_dtype bfloat16 mixes two half types; "
+                "set quantization.compute_dtype: float16 (paper) or train.precision: bf16"
+            )
+
+    def model(self, key: str) -> ModelParams:
+        if key not in self.models:
+            raise ParamsError(f"models.{key}: no such model in params.yaml; known: {', '.join(self.models)}")
+        return self.models[key]
+
+
+def _positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise ParamsError(f"{key}: {value} must be > 0")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return value checked against a type hint (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(str(a) for a in typing.get_args(hint))
+            raise ParamsError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(hint):
+            try:
+                return _check_type(key, value, arm)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} has the wrong type ({hint})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {k: _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
+    if hint is type(None):
+        if value is not None:
+            raise ParamsError(f"{key}: expected null, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(key, hint, value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
+        raise ParamsError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(prefix: str, cls: Any, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    dot = f"{prefix}." if prefix else ""
+    for key in raw:
+        if key not in names:
+            raise ParamsError(f"{dot}{key}: unknown key; known keys here: {', '.join(names)} (check the spelling)")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ParamsError(f"{dot}{missing[0]}: missing; add it to params.yaml (see the README's parameter list)")
+    values = {n: _check_type(f"{dot}{n}", raw[n], hints[n]) for n in names}
+    try:
+        return cls(**values)
+    except ParamsError as err:
+        if prefix.startswith("models.") and str(err).startswith("models.*"):
+            raise ParamsError(str(err).replace("models.*", prefix, 1)) from None
+        raise
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    return _build("", Params, raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_params(raw or {})
+
+
+def as_dict(params: Any) -> Any:
+    """Plain-data copy of params (or a part of it) for saving beside outputs."""
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else params

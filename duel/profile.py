@@ -1,0 +1,66 @@
+"""Turn a committed profile of overrides (profiles/*.yaml) into `dvc exp run -S key=value` arguments.
+
+    dvc exp run -n demo $(python -m duel.profile profiles/demo.yaml)
+
+Every override is checked against params.yaml first: a key that params.yaml lacks is an error, not a new param.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from duel.params import ParamsError, parse_params
+
+
+def flatten(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted names of the params a profile sets. A section of params.yaml is descended into; a param whose value is
+    itself a mapping (models.*.overrides) is set whole. A name params.yaml lacks is an error."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if not isinstance(base, dict) or key not in base:
+            raise ParamsError(f"{name}: unknown key in the profile; params.yaml has no such param")
+        if isinstance(value, dict) and isinstance(base[key], dict) and base[key]:
+            flat |= flatten(base[key], value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def apply(base: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(base))
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = merged
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+def set_param_args(profile: Path, params_file: Path = Path("params.yaml")) -> list[str]:
+    base = yaml.safe_load(params_file.read_text())
+    flat = flatten(base, yaml.safe_load(profile.read_text()) or {})
+    parse_params(apply(base, flat))  # fail here, before DVC runs anything
+    args = []
+    for name, value in flat.items():
+        args += ["-S", f"{name}={json.dumps(value)}"]  # JSON is YAML, so DVC reads the value back exactly
+    return args
+
+
+def main() -> None:
+    try:
+        print(" ".join(shlex.quote(a) for a in set_param_args(Path(sys.argv[1]))))
+    except ParamsError as err:
+        print(f"error: {sys.argv[1]}: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

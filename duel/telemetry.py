@@ -1,0 +1,123 @@
+"""What the hardware paid: torch's memory peaks, NVML's device-level peak, utilization and energy.
+
+Definitions (all per process, GPU 0):
+- peak_vram_allocated_gib: torch.cuda.max_memory_allocated, tensors alive at the worst moment.
+- peak_vram_reserved_gib: torch.cuda.max_memory_reserved, what torch's caching allocator held (>= allocated).
+- nvml_peak_gib: highest device memory in use seen by NVML, sampled every 50 ms in a background thread; it also
+  counts the CUDA context and other processes, so it is >= reserved when sampled at the peak.
+- gpu_util_mean_pct: mean of NVML's utilization.gpu samples (share of time a kernel was running).
+- energy_j: difference of NVML's total energy counter (millijoules since driver load) over the measured span.
+On a machine without a GPU every one of these is null.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 2**30
+
+
+@dataclass
+class GpuSampler:
+    """Samples NVML in a background thread between start() and stop()."""
+
+    interval_s: float = 0.05
+    peak_used_bytes: int = 0
+    util_samples: list[int] = field(default_factory=list)
+    _handle: object | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _energy_start_mj: int | None = None
+
+    def start(self) -> GpuSampler:
+        if not torch.cuda.is_available():
+            return self
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        self._energy_start_mj = self.energy_mj()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import pynvml
+
+        while not self._stop.is_set():
+            memory = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+            self.peak_used_bytes = max(self.peak_used_bytes, int(memory.used))
+            self.util_samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
+            self._stop.wait(self.interval_s)
+
+    def energy_mj(self) -> int | None:
+        if self._handle is None:
+            return None
+        import pynvml
+
+        try:
+            return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+        except pynvml.NVMLError:  # not every GPU has the counter
+            return None
+
+    def energy_j(self) -> float | None:
+        now = self.energy_mj()
+        if now is None or self._energy_start_mj is None:
+            return None
+        return (now - self._energy_start_mj) / 1000
+
+    def stop(self) -> dict[str, float | None]:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        return self.summary()
+
+    def summary(self) -> dict[str, float | None]:
+        on_gpu = self._handle is not None
+        return {
+            "nvml_peak_gib": round(self.peak_used_bytes / GIB, 3) if on_gpu else None,
+            "gpu_util_mean_pct": round(sum(self.util_samples) / len(self.util_samples), 1)
+            if self.util_samples
+            else None,
+            "energy_j": round(e, 1) if (e := self.energy_j()) is not None else None,
+        }
+
+
+def torch_memory() -> dict[str, float | None]:
+    if not torch.cuda.is_available():
+        return {"peak_vram_allocated_gib": None, "peak_vram_reserved_gib": None}
+    return {
+        "peak_vram_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+        "peak_vram_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
+    }
+
+
+def memory_now_gib() -> float:
+    """Memory for the per-step plot: VRAM reserved by torch on a GPU, the process's peak RSS on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_reserved() / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+def memory_kind() -> str:
+    return "cuda_reserved" if torch.cuda.is_available() else "cpu_peak_rss"
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        synchronize()
+        self.start = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        synchronize()
+        return time.perf_counter() - self.start

@@ -1,0 +1,64 @@
+"""Stage download: IMDB subsets and the models, resolved so that no later stage touches the network.
+
+    python -m stages.download        (run by `dvc repro`)
+
+Reads params: seed, data, models. Writes data/train.parquet, data/test.parquet, metrics/data.json and
+models/base/<key>/ (tokenizer, config, model.json; the weights too when init is random).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from duel import cli
+from duel.data import check_schema, label_balance, read_source, stratified_sample
+from duel.io import write_json, write_parquet
+from duel.modeling import resolve_model
+from duel.params import load_params
+
+
+def main() -> None:
+    params = load_params()
+    cache = Path(".cache/download")
+    cache.mkdir(parents=True, exist_ok=True)
+
+    splits = read_source(params.data, cache)
+    train = check_schema(splits.train, "train", params.data.source)
+    test = check_schema(splits.test, "test", params.data.source)
+
+    # IMDB repeats some reviews across its splits; training on a test review would inflate accuracy.
+    in_test = train["text"].isin(set(test["text"]))
+    train = train[~in_test].drop_duplicates("text")
+    train_subset = stratified_sample(train, params.data.train_size, params.seed, "data.train_size")
+    test_subset = stratified_sample(test, params.data.test_size, params.seed, "data.test_size")
+
+    models = {
+        key: resolve_model(key, model, params.seed, Path("models/base") / key) for key, model in params.models.items()
+    }
+
+    write_parquet("data/train.parquet", train_subset)
+    write_parquet("data/test.parquet", test_subset)
+    write_json(
+        "metrics/data.json",
+        {
+            "source": params.data.source,
+            "source_kind": splits.source_kind,
+            "source_sha256": splits.source_sha256,
+            "source_reviews": {"train": len(splits.train), "test": len(splits.test)},
+            "train_reviews_also_in_test": int(in_test.sum()),
+            "train": {"reviews": len(train_subset), "labels": label_balance(train_subset)},
+            "test": {"reviews": len(test_subset), "labels": label_balance(test_subset)},
+            "models": {
+                key: {k: info[k] for k in ("source", "checkpoint", "revision", "num_parameters")}
+                for key, info in models.items()
+            },
+        },
+    )
+    print(
+        f"download: {len(train_subset)} train / {len(test_subset)} test reviews from {params.data.source}; "
+        f"{int(in_test.sum())} train reviews also in test were left out; models: {', '.join(models)}"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

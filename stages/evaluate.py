@@ -1,0 +1,75 @@
+"""Stage evaluate: each fine-tuned model, and each base model zero-shot, on the same test reviews, by the logits of
+the two label words at the answer position (no generation).
+
+    python -m stages.evaluate        (run by `dvc repro`)
+
+Reads params: models, quantization, eval, train.attention. Reads models/base/<key>/, models/adapters/<key>/ and
+data/tokenized/<key>/test.parquet. Writes metrics/evaluate.json (accuracy, F1, precision, recall, ROC-AUC,
+confusion matrix, reviews/s for every model and variant) and data/predictions/<key>_<variant>.csv (one row per review).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from peft import PeftModel
+
+from duel import cli
+from duel.evaluation import classification_metrics, label_logits, predictions_frame
+from duel.io import atomic_dir, read_json, write_json
+from duel.modeling import attention_implementation, load_base_model, load_tokenizer
+from duel.params import load_params
+from duel.telemetry import GpuSampler, Stopwatch, torch_memory
+
+
+def main() -> None:
+    params = load_params()
+    attention = attention_implementation(params.train.attention)
+    results: dict[str, dict] = {}
+    with atomic_dir("data/predictions") as predictions:
+        for key, model_params in params.models.items():
+            base, tokens = Path("models/base") / key, Path("data/tokenized") / key
+            test = pd.read_parquet(tokens / "test.parquet")
+            answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
+            pad_id = load_tokenizer(base).pad_token_id
+            model = load_base_model(base, model_params, params, attention)
+            model = PeftModel.from_pretrained(model, Path("models/adapters") / key)
+            results[key] = {}
+            variants = ["finetuned", "zero_shot"] if params.eval.zero_shot else ["finetuned"]
+            for variant in variants:
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                sampler, watch = GpuSampler().start(), Stopwatch()
+                if variant == "zero_shot":
+                    with model.disable_adapter():  # the same weights minus LoRA: the base model
+                        logits = label_logits(
+                            model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} {variant}"
+                        )
+                else:
+                    logits = label_logits(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} {variant}")
+                seconds = watch.elapsed_s()
+                labels = test["label"].to_numpy()
+                results[key][variant] = (
+                    classification_metrics(labels, logits)
+                    | {
+                        "eval_time_s": round(seconds, 2),
+                        "reviews_per_s": round(len(test) / seconds, 2),
+                    }
+                    | sampler.stop()
+                    | torch_memory()
+                )
+                predictions_frame(labels, logits).to_csv(predictions / f"{key}_{variant}.csv", index=False)
+                print(
+                    f"evaluate {key} {variant}: accuracy {results[key][variant]['accuracy']}, "
+                    f"F1 {results[key][variant]['f1']}, {results[key][variant]['reviews_per_s']} reviews/s"
+                )
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        write_json("metrics/evaluate.json", results)
+
+
+if __name__ == "__main__":
+    cli.run(main)
