@@ -21,13 +21,13 @@ shared:
 
 demo: setup shared
 	-@dvc exp remove -q demo 2>/dev/null
-	$(OFFLINE) dvc exp run -n demo $$($(PY) -m duel.profile profiles/demo.yaml)
+	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml
 	@dvc exp show --only-changed --md --no-pager | head -20
 	@echo "demo: report in reports/report.md; metrics in metrics/; 'dvc plots show' draws the curves"
 
 paper: setup
 	-@dvc exp remove -q paper 2>/dev/null
-	dvc exp run -n paper $$($(PY) -m duel.profile profiles/paper.yaml)
+	$(PY) -m duel.profile profiles/paper.yaml
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,6 +1,7 @@
-"""Turn a committed profile of overrides (profiles/*.yaml) into `dvc exp run -S key=value` arguments.
+"""Run a committed profile of overrides (profiles/*.yaml) as a named DVC experiment:
 
-    dvc exp run -n demo $(python -m duel.profile profiles/demo.yaml)
+    python -m duel.profile profiles/demo.yaml              # = dvc exp run -n demo -S data.source=... -S ...
+    python -m duel.profile profiles/demo.yaml --print      # show that command without running it
 
 Every override is checked against params.yaml first: a key that params.yaml lacks is an error, not a new param.
 """
@@ -8,6 +9,7 @@ Every override is checked against params.yaml first: a key that params.yaml lack
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,11 +57,15 @@ def set_param_args(profile: Path, params_file: Path = Path("params.yaml")) -> li
 
 
 def main() -> None:
+    profile = Path(sys.argv[1])
     try:
-        print(" ".join(shlex.quote(a) for a in set_param_args(Path(sys.argv[1]))))
-    except ParamsError as err:
-        print(f"error: {sys.argv[1]}: {err}", file=sys.stderr)
+        command = ["dvc", "exp", "run", "-n", profile.stem, *set_param_args(profile)]
+    except (ParamsError, OSError) as err:
+        print(f"error: {profile}: {err}", file=sys.stderr)
         sys.exit(1)
+    print(" ".join(shlex.quote(a) for a in command), flush=True)
+    if "--print" not in sys.argv:
+        os.execvp(command[0], command)
 
 
 if __name__ == "__main__":
