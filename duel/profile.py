@@ -46,13 +46,22 @@ def apply(base: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def override_value(value: Any) -> str:
+    """A value in the override grammar DVC parses -S with (Hydra's): JSON, except that mapping keys are bare."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def set_param_args(profile: Path, params_file: Path = Path("params.yaml")) -> list[str]:
     base = yaml.safe_load(params_file.read_text())
     flat = flatten(base, yaml.safe_load(profile.read_text()) or {})
     parse_params(apply(base, flat))  # fail here, before DVC runs anything
     args = []
     for name, value in flat.items():
-        args += ["-S", f"{name}={json.dumps(value)}"]  # JSON is YAML, so DVC reads the value back exactly
+        args += ["-S", f"{name}={override_value(value)}"]
     return args
 
 
