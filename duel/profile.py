@@ -28,11 +28,15 @@ def flatten(base: dict[str, Any], overrides: dict[str, Any], prefix: str = "") -
         name = f"{prefix}{key}"
         if not isinstance(base, dict) or key not in base:
             raise ParamsError(f"{name}: unknown key in the profile; params.yaml has no such param")
-        if isinstance(value, dict) and isinstance(base[key], dict) and base[key]:
+        if isinstance(value, dict) and isinstance(base[key], dict) and base[key] and not _is_mapping_param(name):
             flat |= flatten(base[key], value, f"{name}.")
         else:
             flat[name] = value
     return flat
+
+
+def _is_mapping_param(name: str) -> bool:
+    return name.startswith("models.") and name.endswith(".overrides")
 
 
 def apply(base: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +65,9 @@ def set_param_args(profile: Path, params_file: Path = Path("params.yaml")) -> li
     parse_params(apply(base, flat))  # fail here, before DVC runs anything
     args = []
     for name, value in flat.items():
-        args += ["-S", f"{name}={override_value(value)}"]
+        # "++" replaces a mapping whole; a plain override would merge into it and refuse new keys.
+        force = "++" if isinstance(value, dict) else ""
+        args += ["-S", f"{force}{name}={override_value(value)}"]
     return args
 
 
