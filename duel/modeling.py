@@ -84,7 +84,9 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
                     raise ModelError(f"models.{key}.overrides.{field}: not a field of {type(config).__name__}")
                 setattr(config, field, value)
             torch.manual_seed(seed)
-            built = AutoModelForCausalLM.from_config(config, dtype=DTYPES["bfloat16"])
+            # Built on the GPU where there is one: initialising 7B weights on a CPU takes minutes.
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                built = AutoModelForCausalLM.from_config(config, dtype=DTYPES["bfloat16"])
             built.save_pretrained(tmp, safe_serialization=True)
             info = {
                 "source": "random",

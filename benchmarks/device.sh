@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On the H200 machine (see benchmarks/README.md): install the carried wheels, then run benchmarks/run_device.py.
+# Usage: bash benchmarks/device.sh llama [--paper-steps 6] [--budget-gib 16]
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf/hub HF_HUB_OFFLINE=1
+export OUT=${OUT:-$PWD/out} TOKENIZERS_PARALLELISM=false
+git -c user.email=d@d -c user.name=d commit -q --allow-empty -m run  # DVCLive needs a commit
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/gpu.csv"
+python3 -c "import torch, transformers, peft, bitsandbytes, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__, 'peft': peft.__version__, 'bitsandbytes': bitsandbytes.__version__}))" > "$OUT/versions.json"
+cat "$OUT/gpu.csv" "$OUT/versions.json"
+python3 benchmarks/run_device.py "$@"
