@@ -126,7 +126,7 @@ def check_schema(frame: pd.DataFrame, split: str, source: str) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"data.source: {source} {split} split is empty; point data.source at the full IMDB")
     frame = frame[["text", "label"]]
-    bad_labels = sorted(set(frame["label"].unique()) - {0, 1})
+    bad_labels = sorted(set(frame["label"].unique().tolist()) - {0, 1})
     if bad_labels:
         raise DataError(f"data.source: {source} {split} split has labels {bad_labels[:5]} outside {{0, 1}}")
     empty = int((frame["text"].fillna("").str.strip() == "").sum())

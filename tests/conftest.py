@@ -1,0 +1,62 @@
+"""Shared fixtures: the real tokenizers of both models (offline, from ../shared/hf/hub) and the project's params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # the repo's sibling folder ../shared: hub cache and IMDB mirror
+IMDB = SHARED / "data" / "imdb"
+
+# Set before transformers is imported anywhere, so the hub client reads them: tokenizers come from the cache only.
+os.environ["HF_HUB_CACHE"] = str(SHARED / "hf" / "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from duel.params import Params, load_params  # noqa: E402
+
+CHECKPOINTS = {"llama": "meta-llama/Llama-2-7b-hf", "deepseek": "deepseek-ai/deepseek-llm-7b-base"}
+
+
+@pytest.fixture(scope="session")
+def tokenizers() -> dict[str, PreTrainedTokenizerFast]:
+    """Both real tokenizers, loaded the way duel.modeling loads them (tokenizer.json as it is)."""
+    return {key: PreTrainedTokenizerFast.from_pretrained(checkpoint) for key, checkpoint in CHECKPOINTS.items()}
+
+
+@pytest.fixture
+def raw_params() -> dict[str, Any]:
+    """params.yaml as plain data, fresh per test so a test may change it."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def params() -> Params:
+    return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="session", params=["sdpa", "eager"])
+def tiny_model(request):
+    """A seeded random Llama small enough for CPU (vocabulary 300, 2 layers of width 32), in float32, eval mode;
+    once per attention kernel, since padding is handled by each kernel's own masking."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        attn_implementation=request.param,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,102 @@
+"""Verbalizer scoring: metrics from hand-made logits, and label_logits on a tiny random Llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from duel.evaluation import classification_metrics, label_logits, predictions_frame
+
+PAD = 0
+ANSWERS = (7, 9)
+
+
+def test_metrics_on_hand_made_logits():
+    labels = np.array([1, 1, 1, 0, 0, 0, 1, 0])
+    # margin = positive - negative:  2    1   -1   -2   0.5  -3    3   -0.5
+    logits = np.array(
+        [[0, 2], [0, 1], [1, 0], [2, 0], [0, 0.5], [3, 0], [0, 3], [0.5, 0]],
+        dtype=np.float32,
+    )
+    metrics = classification_metrics(labels, logits)
+    # predicted: 1 1 0 0 1 0 1 0 -> TP 3, FN 1, FP 1, TN 3
+    assert metrics["confusion_matrix"] == [[3, 1], [1, 3]]
+    assert metrics["accuracy"] == 0.75
+    assert metrics["precision"] == 0.75
+    assert metrics["recall"] == 0.75
+    assert metrics["f1"] == 0.75
+    assert metrics["predicted_positive_share"] == 0.5
+    assert metrics["reviews"] == 8
+    # Positives' margins {3, 2, 1, -1} vs negatives' {0.5, -0.5, -2, -3}: 14 of 16 pairs ranked right.
+    assert metrics["roc_auc"] == 0.875
+
+
+def test_metrics_unbalanced_predictions():
+    labels = np.array([1, 1, 0, 0, 0])
+    logits = np.array([[0, 1], [0, 1], [0, 1], [0, 1], [1, 0]], dtype=np.float32)
+    metrics = classification_metrics(labels, logits)
+    assert metrics["confusion_matrix"] == [[1, 2], [0, 2]]
+    assert metrics["precision"] == 0.5  # 2 of the 4 predicted positive are positive
+    assert metrics["recall"] == 1.0
+    assert metrics["f1"] == 0.6667
+    assert metrics["accuracy"] == 0.6
+
+
+def test_metrics_single_class_has_no_auc():
+    metrics = classification_metrics(np.array([1, 1]), np.array([[0, 1], [1, 0]], dtype=np.float32))
+    assert metrics["roc_auc"] is None
+    assert metrics["accuracy"] == 0.5
+    assert metrics["confusion_matrix"] == [[0, 0], [1, 1]]
+
+
+def test_predictions_frame():
+    frame = predictions_frame(np.array([0, 1]), np.array([[2.0, 1.0], [0.0, 0.5]], dtype=np.float32))
+    assert frame["predicted"].tolist() == [0, 1]
+    assert frame["logit_positive"].tolist() == [1.0, 0.5]
+
+
+def review_frame(seed: int, lengths: tuple[int, ...]) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {"input_ids": [rng.integers(1, 300, size=n).tolist() for n in lengths], "label": [0] * len(lengths)}
+    )
+
+
+@torch.no_grad()
+def alone(model, ids: list[int]) -> np.ndarray:
+    """[negative, positive] logits of one review, run unpadded on its own."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    return logits[list(ANSWERS)].numpy()
+
+
+def test_label_logits_independent_of_batching(tiny_model):
+    frame = review_frame(seed=0, lengths=(4, 17, 9, 1, 12, 17, 6))  # ties, a one-token review, odd last batch
+    single = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=1, desc="test")
+    batched = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=3, desc="test")
+    whole = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=64, desc="test")
+    assert single.shape == (7, 2) and single.dtype == np.float32
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+    np.testing.assert_allclose(whole, single, atol=1e-4)
+    # Rows come back in frame order, each equal to that review scored alone, without any padding.
+    expected = np.stack([alone(tiny_model, ids) for ids in frame["input_ids"]])
+    np.testing.assert_allclose(batched, expected, atol=1e-4)
+    assert np.abs(expected[:, None] - expected[None]).max() > 1e-3  # reviews differ, so an order mix-up shows
+
+
+def test_label_logits_padding_is_masked(tiny_model):
+    """Controls for the equality above. Padding that is attended to changes a review's logits, so that test would
+    see a broken mask. Positions counted from the padding (3..14 instead of 0..2) do not: RoPE scores depend only on
+    the distance between tokens, so a constant shift is harmless for Llama, and the mask is what must be right."""
+    frame = review_frame(seed=1, lengths=(3, 15))
+    short = frame["input_ids"][0]
+    ids = torch.tensor([[PAD] * 12 + short])
+    with torch.no_grad():
+        unmasked = tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1, list(ANSWERS)]
+        shifted = tiny_model(
+            input_ids=ids, attention_mask=torch.tensor([[0] * 12 + [1] * 3]), position_ids=torch.arange(15)[None]
+        ).logits[0, -1, list(ANSWERS)]
+    scored = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=2, desc="test")
+    np.testing.assert_allclose(scored[0], alone(tiny_model, short), atol=1e-4)
+    assert np.abs(unmasked.numpy() - scored[0]).max() > 1e-3
+    np.testing.assert_allclose(shifted.numpy(), scored[0], atol=1e-4)

@@ -1,0 +1,166 @@
+"""params.yaml loads into a typed tree; every bad value raises ParamsError naming its dotted key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO
+
+from duel.params import ParamsError, parse_params
+from duel.profile import apply, flatten, set_param_args
+
+
+def changed(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of raw with one dotted key set (added if absent)."""
+    out = copy.deepcopy(raw)
+    *parents, leaf = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return out
+
+
+def test_valid_params_load(params):
+    assert params.seed == 42
+    assert params.data.max_length == 512
+    assert params.data.label_words == [" negative", " positive"]
+    assert set(params.models) == {"llama", "deepseek"}
+    assert params.model("llama").checkpoint == "meta-llama/Llama-2-7b-hf"
+    assert params.lora.r == 16
+    assert params.train.learning_rate == pytest.approx(2e-5)
+    assert params.train.memory_budget_gib is None
+
+
+def test_grad_accum_is_batch_over_micro_batch(raw_params):
+    assert parse_params(raw_params).train.grad_accum == 16 // 16
+    for micro, accum in ((1, 16), (2, 8), (4, 4), (8, 2)):
+        assert parse_params(changed(raw_params, "train.micro_batch", micro)).train.grad_accum == accum
+
+
+def test_int_accepted_where_float_expected(raw_params):
+    params = parse_params(changed(raw_params, "train.learning_rate", 1))
+    assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "named"),
+    [
+        ("trian", {"steps": 1}, "trian"),  # unknown top-level key
+        ("train.lerning_rate", 2e-5, "train.lerning_rate"),  # misspelled nested key
+        ("models.llama.lora_target", ["q_proj"], "models.llama.lora_target"),
+        ("train.steps", "ten", "train.steps"),
+        ("lora.r", 1.5, "lora.r"),
+        ("train.steps", True, "train.steps"),  # a bool is not an int
+        ("eval.batch_size", False, "eval.batch_size"),
+        ("quantization.enabled", "yes", "quantization.enabled"),
+        ("data.label_words", " positive", "data.label_words"),
+        ("lora.r", 0, "lora.r"),
+        ("lora.r", -4, "lora.r"),
+        ("train.learning_rate", 0.0, "train.learning_rate"),
+        ("train.learning_rate", -1e-5, "train.learning_rate"),
+        ("train.micro_batch", 0, "train.micro_batch"),
+        ("train.micro_batch", 3, "train.micro_batch"),  # does not divide batch_size 16
+        ("quantization.quant_type", "int8", "quantization.quant_type"),
+        ("train.precision", "fp8", "train.precision"),
+        ("models.deepseek.overrides", {"num_hidden_layers": 2}, "models.deepseek.overrides"),  # init: pretrained
+        ("train.precision", "fp16", "train.precision"),  # with compute_dtype bfloat16
+        ("data.prompt", "Review:\nSentiment:", "data.prompt"),
+    ],
+)
+def test_bad_value_names_key(raw_params, dotted, value, named):
+    with pytest.raises(ParamsError) as err:
+        parse_params(changed(raw_params, dotted, value))
+    assert named in str(err.value)
+
+
+def test_missing_key_named(raw_params):
+    del raw_params["train"]["warmup_steps"]
+    with pytest.raises(ParamsError, match=r"train\.warmup_steps"):
+        parse_params(raw_params)
+
+
+def test_fp16_with_float16_compute_is_fine(raw_params):
+    raw = changed(changed(raw_params, "train.precision", "fp16"), "quantization.compute_dtype", "float16")
+    params = parse_params(raw)
+    assert (params.train.precision, params.quantization.compute_dtype) == ("fp16", "float16")
+
+
+def test_overrides_allowed_with_random_init(raw_params):
+    raw = changed(changed(raw_params, "models.llama.init", "random"), "models.llama.overrides", {"hidden_size": 64})
+    assert parse_params(raw).model("llama").overrides == {"hidden_size": 64}
+
+
+def test_params_are_frozen(params):
+    with pytest.raises(AttributeError):
+        params.train.steps = 1
+
+
+def test_unknown_model_key(params):
+    with pytest.raises(ParamsError, match=r"models\.mistral"):
+        params.model("mistral")
+
+
+# --- profiles ------------------------------------------------------------------------------------------------------
+
+
+def s_args(args: list[str]) -> dict[str, str]:
+    """{dotted name: value text} from ["-S", "name=value", ...], checking the flags alternate. A Hydra "+"/"++"
+    prefix (add or force-add a key) is dropped from the name."""
+    assert len(args) % 2 == 0 and args[::2] == ["-S"] * (len(args) // 2)
+    pairs = [a.split("=", 1) for a in args[1::2]]
+    return {name.lstrip("+"): value for name, value in pairs}
+
+
+def test_demo_profile_args():
+    args = s_args(set_param_args(REPO / "profiles" / "demo.yaml", REPO / "params.yaml"))
+    profile = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
+    assert "models.llama.overrides" in args and "models.deepseek.overrides" in args
+    assert yaml.safe_load(args["models.llama.init"]) == "random"
+    assert yaml.safe_load(args["data.train_size"]) == profile["data"]["train_size"] == 320
+    assert yaml.safe_load(args["train.learning_rate"]) == pytest.approx(1e-3)
+    assert yaml.safe_load(args["data.source"]) == "../shared/data/imdb"
+    # Only what the profile sets, nothing else of params.yaml.
+    assert "train.batch_size" not in args and "seed" not in args
+
+
+def test_paper_profile_args():
+    args = s_args(set_param_args(REPO / "profiles" / "paper.yaml", REPO / "params.yaml"))
+    assert {k: yaml.safe_load(v) for k, v in args.items()} == {
+        "train.micro_batch": 1,
+        "train.precision": "fp16",
+        "train.padding": "max_length",
+        "train.logging_steps": 10,
+        "quantization.compute_dtype": "float16",
+    }
+
+
+def test_profile_unknown_key_named(tmp_path: Path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("train:\n  stpes: 10\n")
+    with pytest.raises(ParamsError, match=r"train\.stpes"):
+        set_param_args(profile, REPO / "params.yaml")
+
+
+def test_profile_bad_value_fails_before_dvc(tmp_path: Path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("train:\n  micro_batch: 5\n")
+    with pytest.raises(ParamsError, match=r"train\.micro_batch"):
+        set_param_args(profile, REPO / "params.yaml")
+
+
+def test_demo_profile_applied_parses(raw_params):
+    overrides = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
+    params = parse_params(apply(raw_params, flatten(raw_params, overrides)))
+    for key in ("llama", "deepseek"):
+        model = params.model(key)
+        assert model.init == "random"
+        assert model.overrides["num_hidden_layers"] == 2
+        assert model.lora_targets == raw_params["models"][key]["lora_targets"]  # untouched keys survive
+    assert params.train.steps == 20 and params.train.batch_size == 16
+    assert params.data.test_size == 400
+    assert raw_params["models"]["llama"]["init"] == "pretrained"  # apply() does not change its input

@@ -1,0 +1,228 @@
+"""The training data order, the collator and the answer-only loss, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from duel.training import (
+    IGNORE,
+    AnswerCollator,
+    ReviewDataset,
+    StepTelemetry,
+    TrainingError,
+    answer_loss,
+    step_token_counts,
+    training_order,
+)
+
+PAD = 0
+ANSWERS = (7, 9)  # token ids of the negative and positive answer words in the tiny vocabulary
+
+
+def random_lengths(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(5, 500, size=n)
+
+
+# --- training_order ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "steps", "batch"), [(100, 5, 16), (48, 3, 16), (30, 7, 8), (10, 4, 4)])
+def test_order_shape_and_sorted_blocks(n, steps, batch):
+    lengths = random_lengths(n, seed=1)
+    order = training_order(lengths, steps, batch, seed=42)
+    assert order.shape == (steps * batch,)
+    assert order.min() >= 0 and order.max() < n
+    blocks = lengths[order].reshape(steps, batch)
+    assert (np.diff(blocks, axis=1) <= 0).all()  # longest first inside each optimizer step
+
+
+def test_order_steps_hold_same_reviews_whatever_the_lengths():
+    """Which reviews make up each optimizer step depends on the seed only (not on lengths, nor on the micro-batch,
+    which the function never sees); lengths only reorder reviews inside a step."""
+    n, steps, batch = 64, 6, 16
+
+    def step_sets(lengths: np.ndarray, seed: int) -> list[set[int]]:
+        order = training_order(lengths, steps, batch, seed)
+        return [set(block) for block in order.reshape(steps, batch).tolist()]
+
+    first = step_sets(random_lengths(n, seed=1), seed=42)
+    assert step_sets(random_lengths(n, seed=1), seed=42) == first
+    assert step_sets(random_lengths(n, seed=2), seed=42) == first
+    assert step_sets(np.full(n, 100), seed=42) == first
+    assert step_sets(random_lengths(n, seed=1), seed=43) != first
+
+
+def test_order_is_deterministic():
+    lengths = random_lengths(200, seed=3)
+    np.testing.assert_array_equal(training_order(lengths, 10, 16, 42), training_order(lengths, 10, 16, 42))
+    assert not np.array_equal(training_order(lengths, 10, 16, 42), training_order(lengths, 10, 16, 7))
+
+
+@pytest.mark.parametrize(("n", "steps", "batch"), [(3200, 200, 16), (100, 6, 16), (64, 4, 16)])
+def test_order_no_repeats_when_data_suffices(n, steps, batch):
+    order = training_order(random_lengths(n, seed=4), steps, batch, seed=42)
+    assert len(np.unique(order)) == steps * batch
+    if steps * batch == n:
+        assert sorted(order.tolist()) == list(range(n))
+
+
+def test_order_covers_every_pass_when_data_is_short():
+    n, steps, batch = 20, 5, 8  # 40 reviews needed: exactly two passes over 20
+    order = training_order(random_lengths(n, seed=5), steps, batch, seed=42)
+    assert np.bincount(order, minlength=n).tolist() == [2] * n
+
+
+# --- AnswerCollator ------------------------------------------------------------------------------------------------
+
+
+def features(*prompts: list[int], labels: tuple[int, ...] | None = None) -> list[dict]:
+    frame = pd.DataFrame({"input_ids": list(prompts), "label": list(labels or [i % 2 for i in range(len(prompts))])})
+    dataset = ReviewDataset(frame, ANSWERS)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_dataset_appends_nothing_and_maps_labels():
+    items = features([1, 2, 3], [4, 5], labels=(1, 0))
+    assert items == [{"input_ids": [1, 2, 3], "answer_id": 9}, {"input_ids": [4, 5], "answer_id": 7}]
+
+
+def test_collator_left_pads_to_multiple_of_8():
+    batch = AnswerCollator(pad_id=PAD, pad_to=None)(features([11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23]))
+    assert batch["input_ids"].shape == (2, 16)  # longest is 10 + 1 answer = 11 tokens, padded to 16
+    assert batch["input_ids"][0].tolist() == [PAD] * 5 + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, ANSWERS[0]]
+    assert batch["input_ids"][1].tolist() == [PAD] * 12 + [21, 22, 23, ANSWERS[1]]
+    assert batch["attention_mask"].tolist() == [[0] * 5 + [1] * 11, [0] * 12 + [1] * 4]
+    assert batch["labels"][:, -1].tolist() == list(ANSWERS)
+    assert (batch["labels"][:, :-1] == IGNORE).all()
+    assert batch["position_ids"][0].tolist() == [0] * 5 + list(range(11))
+    assert batch["position_ids"][1].tolist() == [0] * 12 + list(range(4))
+    assert batch["logits_to_keep"] == 2
+
+
+@pytest.mark.parametrize(("prompt_tokens", "width"), [(1, 8), (7, 8), (8, 16), (15, 16), (16, 24)])
+def test_collator_width(prompt_tokens, width):
+    # prompt + 1 answer token, rounded up to a multiple of 8
+    batch = AnswerCollator(pad_id=PAD, pad_to=None)(features(list(range(1, prompt_tokens + 1)), [1]))
+    assert batch["input_ids"].shape[1] == width
+
+
+def test_collator_pad_to_fixed_length():
+    batch = AnswerCollator(pad_id=PAD, pad_to=32)(features([5, 6, 7], [8]))
+    for key in ("input_ids", "attention_mask", "position_ids", "labels"):
+        assert batch[key].shape == (2, 32)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [4, 2]
+    assert batch["position_ids"][0, -4:].tolist() == [0, 1, 2, 3]
+    assert batch["input_ids"][1, -2:].tolist() == [8, ANSWERS[1]]
+
+
+# --- answer_loss on a tiny random Llama ----------------------------------------------------------------------------
+
+
+def tiny_batch(seed: int, lengths: tuple[int, ...] = (12, 5, 9, 3)) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 300, size=n).tolist() for n in lengths]
+    return AnswerCollator(pad_id=PAD, pad_to=None)(features(*prompts))
+
+
+def forward(model, batch: dict, **kwargs):
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        **kwargs,
+    )
+
+
+def test_answer_loss_equals_causal_lm_loss(tiny_model):
+    batch = tiny_batch(seed=0)
+    with torch.no_grad():
+        reference = forward(tiny_model, batch, labels=batch["labels"]).loss
+        kept = forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"])
+    assert kept.logits.shape == (4, 2, 300)
+    loss = answer_loss(kept, batch["labels"])
+    assert torch.isfinite(loss) and loss.item() > 1.0  # random weights: about ln(300) = 5.7
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+def test_answer_loss_by_hand():
+    # The answer (last column) is predicted by the position before it; the last position's logits are unused.
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 9.0, 0.0]], [[0.0, 0.0, 3.0], [0.0, 9.0, 0.0]]])
+    labels = torch.tensor([[IGNORE, 0], [IGNORE, 1]])
+    outputs = type("Outputs", (), {"logits": logits})()
+    first = -math.log(math.exp(2) / (math.exp(2) + 2))  # answer 0, logit 2 against two zeros
+    second = -math.log(1 / (2 + math.exp(3)))  # answer 1, logit 0 against 0 and 3
+    assert answer_loss(outputs, labels).item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert answer_loss(outputs, labels, num_items_in_batch=8).item() == pytest.approx((first + second) / 8, rel=1e-6)
+
+
+def gradients(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def test_micro_batches_give_the_same_gradient(tiny_model):
+    """Micro-batch 1 x 4 accumulated with num_items_in_batch=4 equals one pass of 4: the paper's 1 x 16 and our
+    16 x 1 learn the same thing."""
+    lengths = (12, 5, 9, 3)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 300, size=n).tolist() for n in lengths]
+    collate = AnswerCollator(pad_id=PAD, pad_to=None)
+    labels = (0, 1, 1, 0)
+
+    tiny_model.zero_grad(set_to_none=True)
+    whole = collate(features(*prompts, labels=labels))
+    whole_loss = answer_loss(forward(tiny_model, whole, logits_to_keep=2), whole["labels"])
+    whole_loss.backward()
+    reference = gradients(tiny_model)
+
+    tiny_model.zero_grad(set_to_none=True)
+    summed = 0.0
+    for prompt, label in zip(prompts, labels, strict=True):
+        micro = collate(features(prompt, labels=(label,)))
+        loss = answer_loss(forward(tiny_model, micro, logits_to_keep=2), micro["labels"], num_items_in_batch=4)
+        loss.backward()
+        summed += loss.item()
+    accumulated = gradients(tiny_model)
+    tiny_model.zero_grad(set_to_none=True)
+
+    assert summed == pytest.approx(whole_loss.item(), abs=1e-5)
+    assert sum(g.abs().sum().item() for g in reference) > 0
+    for ref, acc in zip(reference, accumulated, strict=True):
+        torch.testing.assert_close(acc, ref, atol=1e-5, rtol=1e-4)
+
+
+# --- per-step accounting and the telemetry callback ----------------------------------------------------------------
+
+
+def test_step_token_counts(params):
+    steps, batch, micro = 3, 4, 2
+    train = dataclasses.replace(params.train, steps=steps, batch_size=batch, micro_batch=micro, padding="longest")
+    small = dataclasses.replace(params, train=train)
+    lengths = np.array([10, 3, 7, 20, 15, 1, 8, 9, 30, 2, 4, 6])
+    order = np.arange(12)
+    real, padded = step_token_counts(lengths, order, small)
+    assert real.tolist() == [(10 + 3 + 7 + 20) + 4, (15 + 1 + 8 + 9) + 4, (30 + 2 + 4 + 6) + 4]
+    # Micro-batches of 2, each padded to its longest (+1 answer) rounded up to a multiple of 8.
+    assert padded.tolist() == [2 * 16 + 2 * 24, 2 * 16 + 2 * 16, 2 * 32 + 2 * 8]
+    fixed = dataclasses.replace(small, train=dataclasses.replace(train, padding="max_length"))
+    assert step_token_counts(lengths, order, fixed)[1].tolist() == [4 * params.data.max_length] * 3
+
+
+def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
+    callback = StepTelemetry(np.array([100.0, 200.0]), np.array([128.0, 256.0]), batch_size=16)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    state.global_step = 2
+    logs = {"loss": 0.7}
+    callback.on_log(args, state, control, logs=logs)
+    assert logs["tokens_per_s"] > 0 and logs["padded_tokens_per_s"] >= logs["tokens_per_s"]
+    assert logs["reviews_per_s"] > 0 and logs["memory_gib"] > 0
+    with pytest.raises(TrainingError, match=r"train\.precision"):
+        callback.on_log(args, state, control, logs={"loss": float("nan")})
