@@ -22,8 +22,9 @@ shared:
 demo: setup shared
 	-@dvc exp remove -q demo 2>/dev/null
 	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml
-	@dvc exp show --only-changed --md --no-pager | head -20
-	@echo "demo: report in reports/report.md; metrics in metrics/; 'dvc plots show' draws the curves"
+	@sed -n '/^## Quality/,/^## What/p' reports/report.md | grep '^|'
+	@echo "demo: report in reports/report.md, metrics in metrics/; 'dvc exp show' lists the experiment," \
+	      "'dvc plots show' draws the curves; 'git checkout params.yaml' returns to the paper's params"
 
 paper: setup
 	-@dvc exp remove -q paper 2>/dev/null

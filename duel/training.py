@@ -137,6 +137,17 @@ class StepTelemetry(TrainerCallback):
         self.last_step, self.last_time = state.global_step, now
 
 
+class LiveStep(TrainerCallback):
+    """Puts DVCLive's step on the optimizer step (its own counter counts log calls), so the curves of runs that log
+    every step and every 10 steps share one x axis. Must come before DVCLive's callback."""
+
+    def __init__(self, live: Any) -> None:
+        self.live = live
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.live.step = state.global_step
+
+
 def step_token_counts(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
     """Real tokens (prompt + answer) and padded tokens computed, per optimizer step."""
     seq = lengths[order] + 1

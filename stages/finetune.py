@@ -27,6 +27,7 @@ from duel.params import as_dict, load_params
 from duel.telemetry import GpuSampler, Stopwatch, memory_kind, torch_memory
 from duel.training import (
     AnswerCollator,
+    LiveStep,
     ReviewDataset,
     StepTelemetry,
     answer_loss,
@@ -72,7 +73,11 @@ def main() -> None:
             tokenizer.pad_token_id, params.data.max_length if params.train.padding == "max_length" else None
         ),
         compute_loss_func=answer_loss,
-        callbacks=[StepTelemetry(real_tokens, padded_tokens, params.train.batch_size), DVCLiveCallback(live=live)],
+        callbacks=[
+            StepTelemetry(real_tokens, padded_tokens, params.train.batch_size),
+            LiveStep(live),
+            DVCLiveCallback(live=live),
+        ],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
