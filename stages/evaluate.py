@@ -10,6 +10,7 @@ confusion matrix, reviews/s for every model and variant) and data/predictions/<k
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pandas as pd
@@ -42,12 +43,9 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                 sampler, watch = GpuSampler().start(), Stopwatch()
-                if variant == "zero_shot":
-                    with model.disable_adapter():  # the same weights minus LoRA: the base model
-                        logits = label_logits(
-                            model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} {variant}"
-                        )
-                else:
+                # zero_shot: the same weights with LoRA switched off, i.e. the base model
+                adapter = model.disable_adapter() if variant == "zero_shot" else contextlib.nullcontext()
+                with adapter:
                     logits = label_logits(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} {variant}")
                 seconds = watch.elapsed_s()
                 labels = test["label"].to_numpy()
