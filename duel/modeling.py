@@ -172,17 +172,23 @@ def load_base_model(base_dir: Path, model: ModelParams, params: Params, attentio
 
 
 def add_lora(base: PreTrainedModel, model: ModelParams, params: Params) -> Any:
+    """Freeze the base, switch on gradient checkpointing (non-reentrant) when asked, add the LoRA adapter.
+
+    With quantization.upcast_fp32 this goes through PEFT's prepare_model_for_kbit_training, which also casts the
+    unquantized weights (norms, embeddings, head) to fp32, as the paper's stack does; without it they stay in the
+    compute dtype and the residual stream is half as many bytes.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if params.quantization.enabled:
+    checkpointing = checkpointing_wanted(params)
+    if params.quantization.enabled and params.quantization.upcast_fp32:
         base = prepare_model_for_kbit_training(
-            base,
-            use_gradient_checkpointing=params.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            base, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    elif params.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+    else:
+        base.requires_grad_(False)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=params.lora.r,
         lora_alpha=params.lora.alpha,
@@ -191,3 +197,39 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora)
+
+
+AUTO_CHECKPOINTING_BELOW_GIB = 80.0
+
+
+def checkpointing_wanted(params: Params) -> bool:
+    """train.gradient_checkpointing resolved: auto is off where training may use at least 80 GiB (on the H200, the
+    7B models with micro-batch 16 packed peaked at about ... GiB without it), on elsewhere and on CPUs."""
+    wanted = params.train.gradient_checkpointing
+    if wanted != "auto":
+        return bool(wanted)
+    if not torch.cuda.is_available():
+        return True
+    usable = params.train.memory_budget_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
+    return usable < AUTO_CHECKPOINTING_BELOW_GIB
+
+
+def switch_on_checkpointing(model: Any) -> bool:
+    """Turn gradient checkpointing on in a model being trained; False if it was on already."""
+    if getattr(model, "is_gradient_checkpointing", False):
+        return False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
+
+
+def load_adapter_for_inference(base: PreTrainedModel, adapter_dir: Path) -> Any:
+    """The base with a saved adapter, its weights cast to the base's compute dtype: PEFT keeps them in fp32, which
+    would cast every activation to fp32 in each of the seven adapted projections."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    dtype = base.get_input_embeddings().weight.dtype
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+    return model.eval()

@@ -74,6 +74,9 @@ class QuantizationParams:
     double_quant: bool
     """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"]
+    upcast_fp32: bool
+    """Cast the weights that stay unquantized (norms, embeddings, head) to fp32, as PEFT's
+    prepare_model_for_kbit_training does (the paper's stack); off keeps them in compute_dtype (faster)."""
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,18 @@ class TrainParams:
     optimizer: Literal["adamw_torch_fused", "adamw_torch", "paged_adamw_8bit"]
     precision: Literal["bf16", "fp16", "fp32"]
     """Mixed precision of the trainable part (paper: fp16)."""
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | Literal["auto"]
+    """Recompute activations in the backward pass (less memory, about a third more compute). auto: off where the
+    memory for training (memory_budget_gib, else the GPU's) is at least 80 GiB, else on; either way an
+    out-of-memory error with it off switches it on before the micro-batch is halved."""
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"]
     """auto: flash_attention_2 when installed, else sdpa. The one used is recorded."""
-    padding: Literal["longest", "max_length"]
-    """longest: pad each micro-batch to its longest review; max_length: pad everything (paper)."""
+    padding: Literal["packed", "longest", "max_length"]
+    """packed: lay a micro-batch's reviews end to end in rows of up to pack_tokens tokens, each review attending to
+    itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every
+    review to data.max_length (paper)."""
+    pack_tokens: int
+    """Row length for padding: packed (at least data.max_length)."""
     logging_steps: int
     save_steps: int
     """Checkpoint every N steps so a crashed run resumes (0: never)."""
@@ -115,7 +125,7 @@ class TrainParams:
     """Cap on GPU memory for training (null: the whole GPU), enforced through torch's allocator."""
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "micro_batch", "logging_steps"):
+        for key in ("steps", "batch_size", "micro_batch", "logging_steps", "pack_tokens"):
             _positive(f"train.{key}", getattr(self, key))
         if self.learning_rate <= 0:
             raise ParamsError(f"train.learning_rate: {self.learning_rate} must be > 0; the paper uses 2e-5")
@@ -161,6 +171,12 @@ class Params:
             raise ParamsError(
                 "train.precision: fp16 with quantization.compute_dtype bfloat16 mixes two half types; "
                 "set quantization.compute_dtype: float16 (paper) or train.precision: bf16"
+            )
+
+        if self.train.padding == "packed" and self.train.pack_tokens < self.data.max_length:
+            raise ParamsError(
+                f"train.pack_tokens: {self.train.pack_tokens} is shorter than data.max_length {self.data.max_length}; "
+                "a row must hold the longest review, so raise it"
             )
 
     def model(self, key: str) -> ModelParams:

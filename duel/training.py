@@ -3,8 +3,11 @@ positions' logits (a 102,400-word vocabulary times 512 positions would otherwise
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from duel.params import Params
 from duel.telemetry import memory_now_gib
@@ -55,45 +59,83 @@ class ReviewDataset(torch.utils.data.Dataset):
         return {"input_ids": list(self.input_ids[i]), "answer_id": self.answer_ids[int(self.labels[i])]}
 
 
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into rows of at most `row_tokens` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(row_tokens)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sorted positions whose logits predict an answer token (the one before each label); the model computes logits
+    only there (`logits_to_keep`), and answer_loss finds them again from the labels."""
+    return torch.unique((labels != IGNORE).nonzero(as_tuple=True)[1] - 1)
+
+
 @dataclass(frozen=True)
 class AnswerCollator:
-    """Left-pads prompt + answer; labels are -100 except the answer token (the usual causal-LM convention)."""
+    """Batches of prompt + answer with labels -100 except at the answer token (the causal-LM convention).
+
+    padding "packed": the reviews are laid end to end in rows of up to `row_tokens`; position ids restart at 0 for
+    each, and without an attention mask transformers lets each attend to itself only (its packed-sequence masks for
+    SDPA and eager, variable-length kernels for Flash Attention 2), so no padding is computed. "longest" and
+    "max_length" left-pad one review per row to the longest in the batch or to `row_tokens`.
+    """
 
     pad_id: int
-    pad_to: int | None
-    """Pad every batch to this length (the paper's fixed 512), or None for the longest in the batch."""
+    padding: str
+    row_tokens: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [f["input_ids"] + [f["answer_id"]] for f in features]
-        width = self.pad_to or -(-max(len(s) for s in sequences) // 8) * 8  # multiples of 8 suit tensor cores
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            input_ids[row, width - len(seq) :] = torch.tensor(seq)
-            attention_mask[row, width - len(seq) :] = 1
-            labels[row, -1] = seq[-1]
-        # Positions count real tokens only, so a left-padded review sees the positions it would see alone.
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "labels": labels,
-            "logits_to_keep": 2,
-        }
+        if self.padding == "packed":
+            rows = [[sequences[i] for i in row] for row in pack_rows([len(s) for s in sequences], self.row_tokens)]
+        else:
+            rows = [[s] for s in sequences]
+        longest = max(sum(len(s) for s in row) for row in rows)
+        width = self.row_tokens if self.padding == "max_length" else -(-longest // 8) * 8  # multiples of 8
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0 if self.padding == "packed" else width - len(row[0])
+            for seq in row:
+                end = start + len(seq)
+                input_ids[r, start:end] = torch.tensor(seq)
+                position_ids[r, start:end] = torch.arange(len(seq))
+                labels[r, end - 1] = seq[-1]
+                attention_mask[r, start:end] = 1
+                start = end
+            if self.padding == "packed":
+                position_ids[r, start:] = torch.arange(width - start)  # the padding is a sequence of its own
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        if self.padding != "packed":
+            batch["attention_mask"] = attention_mask
+        batch["logits_to_keep"] = answer_positions(labels)
+        batch["use_cache"] = False  # with a KV cache, transformers would not look for packed sequences
+        return batch
 
 
 def answer_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-    """Cross-entropy of the answer token, predicted at the position before it (logits_to_keep=2 keeps both).
+    """Cross-entropy of each answer token, predicted at the position before it (the collator's `logits_to_keep`).
 
     Summed and divided by the reviews in the whole accumulated step, so micro-batch 1 x 16 and 16 x 1 give the
     same gradient.
     """
-    logits = outputs.logits[:, -2, :].float()
-    target = labels[:, -1].to(logits.device)
-    loss = F.cross_entropy(logits, target, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else len(target))
+    rows, columns = (labels != IGNORE).nonzero(as_tuple=True)
+    kept = torch.searchsorted(answer_positions(labels), columns - 1)
+    logits = outputs.logits[rows, kept.to(outputs.logits.device)].float()
+    loss = F.cross_entropy(logits, labels[rows, columns].to(logits.device), reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else len(rows))
 
 
 class StepTelemetry(TrainerCallback):
@@ -149,15 +191,21 @@ class LiveStep(TrainerCallback):
 
 
 def step_token_counts(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """Real tokens (prompt + answer) and padded tokens computed, per optimizer step."""
-    seq = lengths[order] + 1
-    micro = seq.reshape(-1, params.train.micro_batch)
-    if params.train.padding == "max_length":
-        width = np.full(len(micro), params.data.max_length)
+    """Real tokens (prompt + answer) and tokens computed, padding included, per optimizer step."""
+    train = params.train
+    seq = (lengths[order] + 1).reshape(-1, train.micro_batch)
+    if train.padding == "max_length":
+        computed = np.full(len(seq), params.data.max_length * train.micro_batch)
+    elif train.padding == "longest":
+        computed = -(-seq.max(axis=1) // 8) * 8 * train.micro_batch
     else:
-        width = -(-micro.max(axis=1) // 8) * 8
-    padded = (width * params.train.micro_batch).reshape(params.train.steps, -1).sum(axis=1)
-    return seq.reshape(params.train.steps, -1).sum(axis=1), padded
+        computed = np.array([_packed_size(micro.tolist(), train.pack_tokens) for micro in seq])
+    return seq.reshape(train.steps, -1).sum(axis=1), computed.reshape(train.steps, -1).sum(axis=1)
+
+
+def _packed_size(lengths: list[int], row_tokens: int) -> int:
+    rows = pack_rows(lengths, row_tokens)
+    return len(rows) * -(-max(sum(lengths[i] for i in row) for row in rows) // 8) * 8
 
 
 def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
@@ -187,3 +235,59 @@ def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def with_micro_batch(params: Params, micro_batch: int) -> Params:
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, micro_batch=micro_batch))
+
+
+@dataclass
+class BackoffResult:
+    trainer: Trainer
+    output: TrainOutput
+    micro_batch: int
+    oom_retries: int
+
+
+def train_with_backoff(
+    build: Callable[[int], Trainer],
+    batch_size: int,
+    micro_batch: int,
+    resume: str | None,
+    switch_on_checkpointing: Callable[[], bool] = lambda: False,
+) -> BackoffResult:
+    """Train, and on a CUDA out-of-memory error save memory and go on from the last completed step: first by
+    switching gradient checkpointing on (when `switch_on_checkpointing()` says it was off), then by halving the
+    micro-batch (more accumulation passes keep the effective batch the same). The last completed step's state
+    (adapter, optimizer, scheduler, RNG, data position) is saved as a checkpoint, in the Trainer's own format, and a
+    new Trainer resumes from it.
+
+    `build(micro_batch)` makes a Trainer; `resume` is a checkpoint to start from (or None).
+    """
+    retries = 0
+    while True:
+        trainer = build(micro_batch)
+        start = int(Path(resume).name.split("-")[1]) if resume else 0
+        try:
+            return BackoffResult(trainer, trainer.train(resume_from_checkpoint=resume), micro_batch, retries)
+        except torch.OutOfMemoryError:
+            pass  # handled below, once the traceback (and the activations its frames hold) is released
+        step = trainer.state.global_step
+        checkpointing_was_off = switch_on_checkpointing()
+        if micro_batch == 1 and not checkpointing_was_off:
+            raise TrainingError(
+                f"train: out of GPU memory at micro-batch 1 (step {step + 1}); lower data.max_length, set "
+                "train.gradient_checkpointing: true and quantization.enabled: true, or raise train.memory_budget_gib"
+            )
+        trainer.model.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if step > start:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            resume = str(Path(trainer.args.output_dir) / f"checkpoint-{step}")
+        if not checkpointing_was_off:
+            micro_batch = max(d for d in range(1, micro_batch // 2 + 1) if batch_size % d == 0)
+        retries += 1
+        change = "gradient checkpointing on" if checkpointing_was_off else f"micro-batch {micro_batch}"
+        print(f"train: out of GPU memory at step {step + 1}; going on from step {step} with {change}")

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from peft import PeftModel
 
 from duel import cli
 from duel.evaluation import classification_metrics, label_logits, predictions_frame
 from duel.io import atomic_dir, read_json, write_json
-from duel.modeling import attention_implementation, load_base_model, load_tokenizer
+from duel.modeling import attention_implementation, load_adapter_for_inference, load_base_model, load_tokenizer
 from duel.params import load_params
 from duel.telemetry import GpuSampler, Stopwatch, torch_memory
 
@@ -36,7 +35,7 @@ def main() -> None:
             answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
             pad_id = load_tokenizer(base).pad_token_id
             model = load_base_model(base, model_params, params, attention)
-            model = PeftModel.from_pretrained(model, Path("models/adapters") / key)
+            model = load_adapter_for_inference(model, Path("models/adapters") / key)
             results[key] = {}
             variants = ["finetuned", "zero_shot"] if params.eval.zero_shot else ["finetuned"]
             for variant in variants:

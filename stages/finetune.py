@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from dvclive import Live
@@ -22,7 +23,14 @@ from transformers.integrations import DVCLiveCallback
 
 from duel import cli
 from duel.io import atomic_dir, read_json, write_json
-from duel.modeling import add_lora, attention_implementation, load_base_model, load_tokenizer, versions
+from duel.modeling import (
+    add_lora,
+    attention_implementation,
+    load_base_model,
+    load_tokenizer,
+    switch_on_checkpointing,
+    versions,
+)
 from duel.params import as_dict, load_params
 from duel.telemetry import GpuSampler, Stopwatch, memory_kind, torch_memory
 from duel.training import (
@@ -32,8 +40,10 @@ from duel.training import (
     StepTelemetry,
     answer_loss,
     step_token_counts,
+    train_with_backoff,
     training_arguments,
     training_order,
+    with_micro_batch,
 )
 
 
@@ -52,7 +62,6 @@ def main() -> None:
     answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
     lengths = train["n_tokens"].to_numpy()
     order = training_order(lengths, params.train.steps, params.train.batch_size, params.seed)
-    real_tokens, padded_tokens = step_token_counts(lengths, order, params)
     dataset = ReviewDataset(train.iloc[order], answer_ids)
 
     tokenizer = load_tokenizer(base)
@@ -65,27 +74,41 @@ def main() -> None:
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
     live = Live(str(Path("plots") / key), dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(params, checkpoints),
-        train_dataset=dataset,
-        data_collator=AnswerCollator(
-            tokenizer.pad_token_id, params.data.max_length if params.train.padding == "max_length" else None
-        ),
-        compute_loss_func=answer_loss,
-        callbacks=[
-            StepTelemetry(real_tokens, padded_tokens, params.train.batch_size),
-            LiveStep(live),
-            DVCLiveCallback(live=live),
-        ],
-    )
+    row_tokens = params.train.pack_tokens if params.train.padding == "packed" else params.data.max_length
+    collator = AnswerCollator(tokenizer.pad_token_id, params.train.padding, row_tokens)
+    token_counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def build(micro_batch: int) -> Trainer:
+        run_params = with_micro_batch(params, micro_batch)
+        token_counts[micro_batch] = step_token_counts(lengths, order, run_params)
+        return Trainer(
+            model=model,
+            args=training_arguments(run_params, checkpoints),
+            train_dataset=dataset,
+            data_collator=collator,
+            compute_loss_func=answer_loss,
+            callbacks=[
+                StepTelemetry(*token_counts[micro_batch], params.train.batch_size),
+                LiveStep(live),
+                DVCLiveCallback(live=live),
+            ],
+        )
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sampler = GpuSampler().start()
     watch = Stopwatch()
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    run = train_with_backoff(
+        build,
+        params.train.batch_size,
+        params.train.micro_batch,
+        str(last) if last else None,
+        lambda: switch_on_checkpointing(model),
+    )
+    trainer, result = run.trainer, run.output
     train_s = watch.elapsed_s()
     hardware = sampler.stop() | torch_memory()
+    real_tokens, padded_tokens = token_counts[run.micro_batch]
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     timed = slice(start_step, None)  # after a resume, only the steps this process ran were timed
@@ -109,8 +132,12 @@ def main() -> None:
         "quantization": f"{params.quantization.quant_type}{'-dq' if params.quantization.double_quant else ''}"
         if params.quantization.enabled
         else "none",
-        "micro_batch": params.train.micro_batch,
-        "grad_accum": params.train.grad_accum,
+        "padding": params.train.padding,
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "memory_budget_gib": params.train.memory_budget_gib,
+        "micro_batch": run.micro_batch,
+        "grad_accum": params.train.batch_size // run.micro_batch,
+        "oom_retries": run.oom_retries,
         "trainable_parameters": trainable,
         "total_parameters": total_params,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

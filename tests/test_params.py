@@ -134,8 +134,10 @@ def test_paper_profile_args():
         "train.micro_batch": 1,
         "train.precision": "fp16",
         "train.padding": "max_length",
+        "train.gradient_checkpointing": True,
         "train.logging_steps": 10,
         "quantization.compute_dtype": "float16",
+        "quantization.upcast_fp32": True,
     }
 
 

@@ -18,11 +18,13 @@ from duel.training import (
     StepTelemetry,
     TrainingError,
     answer_loss,
+    pack_rows,
     step_token_counts,
     training_order,
 )
 
 PAD = 0
+LONGEST = AnswerCollator(pad_id=PAD, padding="longest", row_tokens=512)
 ANSWERS = (7, 9)  # token ids of the negative and positive answer words in the tiny vocabulary
 
 
@@ -94,7 +96,7 @@ def test_dataset_appends_nothing_and_maps_labels():
 
 
 def test_collator_left_pads_to_multiple_of_8():
-    batch = AnswerCollator(pad_id=PAD, pad_to=None)(features([11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23]))
+    batch = LONGEST(features([11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23]))
     assert batch["input_ids"].shape == (2, 16)  # longest is 10 + 1 answer = 11 tokens, padded to 16
     assert batch["input_ids"][0].tolist() == [PAD] * 5 + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, ANSWERS[0]]
     assert batch["input_ids"][1].tolist() == [PAD] * 12 + [21, 22, 23, ANSWERS[1]]
@@ -103,18 +105,18 @@ def test_collator_left_pads_to_multiple_of_8():
     assert (batch["labels"][:, :-1] == IGNORE).all()
     assert batch["position_ids"][0].tolist() == [0] * 5 + list(range(11))
     assert batch["position_ids"][1].tolist() == [0] * 12 + list(range(4))
-    assert batch["logits_to_keep"] == 2
+    assert batch["logits_to_keep"].tolist() == [14]  # the answers sit in column 15, predicted from column 14
 
 
 @pytest.mark.parametrize(("prompt_tokens", "width"), [(1, 8), (7, 8), (8, 16), (15, 16), (16, 24)])
 def test_collator_width(prompt_tokens, width):
     # prompt + 1 answer token, rounded up to a multiple of 8
-    batch = AnswerCollator(pad_id=PAD, pad_to=None)(features(list(range(1, prompt_tokens + 1)), [1]))
+    batch = LONGEST(features(list(range(1, prompt_tokens + 1)), [1]))
     assert batch["input_ids"].shape[1] == width
 
 
 def test_collator_pad_to_fixed_length():
-    batch = AnswerCollator(pad_id=PAD, pad_to=32)(features([5, 6, 7], [8]))
+    batch = AnswerCollator(pad_id=PAD, padding="max_length", row_tokens=32)(features([5, 6, 7], [8]))
     for key in ("input_ids", "attention_mask", "position_ids", "labels"):
         assert batch[key].shape == (2, 32)
     assert batch["attention_mask"].sum(dim=1).tolist() == [4, 2]
@@ -122,22 +124,67 @@ def test_collator_pad_to_fixed_length():
     assert batch["input_ids"][1, -2:].tolist() == [8, ANSWERS[1]]
 
 
+def test_pack_rows_first_fit_decreasing():
+    lengths = [300, 120, 500, 80, 200, 260, 40]
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    # Longest first, each into the first row with room: 500 | 300, then 260 opens a row, 200 joins 300, ...
+    assert rows == [[2], [0, 4], [5, 1, 3, 6]]
+    assert pack_rows([512, 512], 512) == [[0], [1]]
+
+
+def test_collator_packs_reviews_end_to_end():
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=16)(
+        features([11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23], [31, 32], labels=(0, 1, 1))
+    )
+    assert "attention_mask" not in batch  # the position ids tell transformers where each review starts
+    assert batch["use_cache"] is False  # transformers looks for packed sequences only without a KV cache
+    assert batch["input_ids"].tolist() == [
+        [11, 12, 13, 14, 15, 16, 17, 18, 19, ANSWERS[0], 21, 22, 23, ANSWERS[1], PAD, PAD],
+        [31, 32, ANSWERS[1], PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
+    ]  # rows are rounded up to a multiple of 8: the longest row holds 14 tokens
+    assert batch["position_ids"].tolist() == [
+        [*range(10), *range(4), 0, 1],
+        [*range(3), *range(13)],  # the padding counts as a sequence of its own
+    ]
+    answers = (batch["labels"] != IGNORE).nonzero().tolist()
+    assert answers == [[0, 9], [0, 13], [1, 2]]
+    assert batch["logits_to_keep"].tolist() == [1, 8, 12]
+
+
+@pytest.mark.parametrize("row", [16, 64, 512])
+def test_packed_gives_the_padded_loss_and_gradients(tiny_model, row):
+    """Packing changes how the work is laid out, not what is learned: the loss and every gradient equal those of
+    one left-padded review per row (each packed review attends to itself only)."""
+    lengths = (12, 5, 9, 3, 14, 2)
+    results = []
+    for padding in ("longest", "packed"):
+        tiny_model.zero_grad(set_to_none=True)
+        batch = tiny_batch(seed=2, lengths=lengths, padding=padding, row=row)
+        loss = answer_loss(forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
+        loss.backward()
+        results.append((loss.item(), gradients(tiny_model), batch["input_ids"].shape))
+    (padded_loss, padded_grads, padded_shape), (packed_loss, packed_grads, packed_shape) = results
+    tiny_model.zero_grad(set_to_none=True)
+    assert packed_shape[0] < padded_shape[0] or row == 16
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+    for ref, got in zip(padded_grads, packed_grads, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
 # --- answer_loss on a tiny random Llama ----------------------------------------------------------------------------
 
 
-def tiny_batch(seed: int, lengths: tuple[int, ...] = (12, 5, 9, 3)) -> dict:
+def tiny_batch(seed: int, lengths: tuple[int, ...] = (12, 5, 9, 3), padding: str = "longest", row: int = 512) -> dict:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 300, size=n).tolist() for n in lengths]
-    return AnswerCollator(pad_id=PAD, pad_to=None)(features(*prompts))
+    return AnswerCollator(pad_id=PAD, padding=padding, row_tokens=row)(features(*prompts))
 
 
 def forward(model, batch: dict, **kwargs):
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        **kwargs,
-    )
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "use_cache")}
+    return model(**inputs, **kwargs)
 
 
 def test_answer_loss_equals_causal_lm_loss(tiny_model):
@@ -145,15 +192,15 @@ def test_answer_loss_equals_causal_lm_loss(tiny_model):
     with torch.no_grad():
         reference = forward(tiny_model, batch, labels=batch["labels"]).loss
         kept = forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"])
-    assert kept.logits.shape == (4, 2, 300)
+    assert kept.logits.shape == (4, 1, 300)
     loss = answer_loss(kept, batch["labels"])
     assert torch.isfinite(loss) and loss.item() > 1.0  # random weights: about ln(300) = 5.7
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
 
 
 def test_answer_loss_by_hand():
-    # The answer (last column) is predicted by the position before it; the last position's logits are unused.
-    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 9.0, 0.0]], [[0.0, 0.0, 3.0], [0.0, 9.0, 0.0]]])
+    # The answer (last column) is predicted by the position before it, the only one whose logits are kept.
+    logits = torch.tensor([[[2.0, 0.0, 0.0]], [[0.0, 0.0, 3.0]]])
     labels = torch.tensor([[IGNORE, 0], [IGNORE, 1]])
     outputs = type("Outputs", (), {"logits": logits})()
     first = -math.log(math.exp(2) / (math.exp(2) + 2))  # answer 0, logit 2 against two zeros
@@ -172,12 +219,12 @@ def test_micro_batches_give_the_same_gradient(tiny_model):
     lengths = (12, 5, 9, 3)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 300, size=n).tolist() for n in lengths]
-    collate = AnswerCollator(pad_id=PAD, pad_to=None)
+    collate = AnswerCollator(pad_id=PAD, padding="longest", row_tokens=512)
     labels = (0, 1, 1, 0)
 
     tiny_model.zero_grad(set_to_none=True)
     whole = collate(features(*prompts, labels=labels))
-    whole_loss = answer_loss(forward(tiny_model, whole, logits_to_keep=2), whole["labels"])
+    whole_loss = answer_loss(forward(tiny_model, whole, logits_to_keep=whole["logits_to_keep"]), whole["labels"])
     whole_loss.backward()
     reference = gradients(tiny_model)
 
@@ -185,7 +232,8 @@ def test_micro_batches_give_the_same_gradient(tiny_model):
     summed = 0.0
     for prompt, label in zip(prompts, labels, strict=True):
         micro = collate(features(prompt, labels=(label,)))
-        loss = answer_loss(forward(tiny_model, micro, logits_to_keep=2), micro["labels"], num_items_in_batch=4)
+        kept = forward(tiny_model, micro, logits_to_keep=micro["logits_to_keep"])
+        loss = answer_loss(kept, micro["labels"], num_items_in_batch=4)
         loss.backward()
         summed += loss.item()
     accumulated = gradients(tiny_model)
@@ -212,6 +260,15 @@ def test_step_token_counts(params):
     assert padded.tolist() == [2 * 16 + 2 * 24, 2 * 16 + 2 * 16, 2 * 32 + 2 * 8]
     fixed = dataclasses.replace(small, train=dataclasses.replace(train, padding="max_length"))
     assert step_token_counts(lengths, order, fixed)[1].tolist() == [4 * params.data.max_length] * 3
+    packed = dataclasses.replace(
+        small,
+        data=dataclasses.replace(params.data, max_length=32),
+        train=dataclasses.replace(train, padding="packed", pack_tokens=32),
+    )
+    # Rows of up to 32 tokens, each rounded up to a multiple of 8 (the answer adds one token per review).
+    # Step 1: [11, 4] -> one row of 15 -> 16; [8, 21] -> one row of 29 -> 32. Step 2: [16, 2] -> 24; [9, 10] -> 24.
+    # Step 3: [31, 3] -> two rows, the longest 31 -> 2 x 32; [5, 7] -> 16.
+    assert step_token_counts(lengths, order, packed)[1].tolist() == [16 + 32, 24 + 24, 64 + 16]
 
 
 def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):

@@ -1,0 +1,259 @@
+"""GPU tests of the QLoRA path: 4-bit NF4 loading through bitsandbytes, LoRA training on the 4-bit model, and the
+saved adapter scored the way stages/evaluate.py scores it. A seeded random Llama (vocabulary 1,000, 2 layers of
+width 512) keeps the whole file to seconds (13 s on an H200).
+
+    pytest -m gpu -ra        (skipped, with the reason, where CUDA or bitsandbytes is absent)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from duel.evaluation import label_logits, predictions_frame
+from duel.io import write_json
+from duel.modeling import add_lora, load_adapter_for_inference, load_base_model
+from duel.params import ModelParams, Params
+from duel.training import AnswerCollator, ReviewDataset, answer_loss
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: bitsandbytes' 4-bit kernels run on a GPU"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (pip install bitsandbytes)"
+    ),
+]
+
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS = 1000, 512, 1024, 2, 8
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAD = 0
+ANSWERS = (7, 9)  # token ids of the negative and positive answer words in the tiny vocabulary
+ATTENTION = "sdpa"  # fixed, so the result does not depend on whether flash-attn is installed
+STEPS, LEARNING_RATE = 30, 1e-3
+EVAL_BATCH = 3  # 8 reviews -> 3 length-sorted batches of different widths, so left padding is exercised
+# Same weights, same dtypes, same kernels: the logits should be bitwise equal. The tolerance allows one bf16 rounding
+# step (2^-7 relative), tighter than torch's default for bf16 (rtol 1.6e-2).
+SAME_RTOL, SAME_ATOL = 2**-7, 1e-3
+# The trained model keeps LoRA (and, with upcast_fp32, the norms, embeddings and head) in fp32; the evaluate stage
+# computes all of it in bf16. That moves a logit by a bf16 step or so (0.0625 at |logit| 8-16; measured on an H200:
+# 0.0625 packed, 0.024 paper-stack), while the adapter moves the logits by about 10.
+CAST_ATOL = 0.25
+
+
+@dataclass(frozen=True)
+class Recipe:
+    padding: str
+    row_tokens: int
+    upcast_fp32: bool
+
+
+# params.yaml's default (packed rows, unquantized weights kept in bf16) and the paper's stack (every review padded to
+# a fixed length, PEFT's prepare_model_for_kbit_training upcasting the unquantized weights to fp32), both in bf16.
+RECIPES = {"packed": Recipe("packed", 64, False), "paper-stack": Recipe("max_length", 48, True)}
+
+
+@dataclass(frozen=True)
+class Setup:
+    params: Params
+    model: ModelParams
+    recipe: Recipe
+
+
+@dataclass(frozen=True)
+class Trained:
+    setup: Setup
+    model: Any
+    """The PEFT model after training, in the dtypes it was trained in."""
+    losses: list[float]
+    """Answer loss of the fixed batch at each optimizer step, before that step's update."""
+    frozen_changed: list[str]
+    """Names of non-LoRA parameters whose values changed during training (should be none)."""
+    frame: pd.DataFrame
+
+
+def reviews_frame() -> pd.DataFrame:
+    """8 prompts of random tokens, of different lengths, labelled alternately: the answer is a fixed id per prompt."""
+    rng = np.random.default_rng(0)
+    lengths = (37, 5, 20, 12, 29, 8, 16, 3)
+    prompts = [rng.integers(10, VOCAB, size=n).tolist() for n in lengths]  # never the pad or an answer id
+    return pd.DataFrame({"input_ids": prompts, "label": [i % 2 for i in range(len(prompts))]})
+
+
+def setup_for(params: Params, recipe: Recipe) -> Setup:
+    """The project's params with the QLoRA recipe pinned (make demo may have left other values in params.yaml)."""
+    pinned = dataclasses.replace(
+        params,
+        quantization=dataclasses.replace(
+            params.quantization,
+            enabled=True,
+            quant_type="nf4",
+            double_quant=True,
+            compute_dtype="bfloat16",
+            upcast_fp32=recipe.upcast_fp32,
+        ),
+        lora=dataclasses.replace(params.lora, r=16, alpha=32, dropout=0.05),
+        train=dataclasses.replace(params.train, gradient_checkpointing=True, precision="bf16"),
+    )
+    return Setup(pinned, dataclasses.replace(pinned.model("llama"), lora_targets=PROJECTIONS), recipe)
+
+
+def gpu_bytes_now() -> int:
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/base/<key>/ as the download stage writes it for init: random: seeded bf16 weights and model.json."""
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    write_json(path / "model.json", {"path": str(path)})  # the one field load_base_model reads
+    return path
+
+
+@pytest.fixture(scope="module", params=list(RECIPES), ids=list(RECIPES))
+def trained(request: pytest.FixtureRequest, params: Params, base_dir: Path) -> Trained:
+    """LoRA on the 4-bit model, trained as the Trainer would (collator batch moved to the GPU, labels popped for the
+    loss function, bf16 autocast) on one fixed batch for 30 AdamW steps at lr 1e-3."""
+    setup = setup_for(params, RECIPES[request.param])
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(base_dir, setup.model, setup.params, ATTENTION), setup.model, setup.params)
+    frame = reviews_frame()
+    dataset = ReviewDataset(frame, ANSWERS)
+    collate = AnswerCollator(pad_id=PAD, padding=setup.recipe.padding, row_tokens=setup.recipe.row_tokens)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    labels = batch.pop("labels").cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    model.train()
+    losses = []
+    for _ in range(STEPS):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = answer_loss(model(**inputs), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    changed = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(p.detach(), frozen[n])]
+    return Trained(setup, model, losses, changed, frame)
+
+
+def test_base_model_loads_in_4bit_nf4_on_the_gpu(params: Params, base_dir: Path):
+    import bitsandbytes as bnb
+
+    setup = setup_for(params, RECIPES["packed"])
+    before = gpu_bytes_now()
+    model = load_base_model(base_dir, setup.model, setup.params, ATTENTION)
+    quantized_bytes = gpu_bytes_now() - before
+
+    linear4 = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(linear4) == LAYERS * len(PROJECTIONS)
+    assert {name.rsplit(".", 1)[1] for name in linear4} == set(PROJECTIONS)
+    for name, module in linear4.items():
+        weight = module.weight
+        assert isinstance(weight, bnb.nn.Params4bit), name
+        assert weight.device.type == "cuda" and weight.dtype == torch.uint8, name
+        assert weight.numel() == module.in_features * module.out_features // 2, name  # two 4-bit codes per byte
+        assert module.compute_dtype == torch.bfloat16, name
+        state = weight.quant_state
+        assert state.quant_type == "nf4", name
+        assert tuple(state.shape) == (module.out_features, module.in_features), name
+        assert state.dtype == torch.bfloat16, name  # what dequantization gives back
+        # Double quant: the per-block constants are themselves quantized to 8 bits, with their own state.
+        assert state.nested and state.state2 is not None and state.absmax.dtype == torch.uint8, name
+    # transformers keeps the output layer (and the embeddings, norms) unquantized, in the compute dtype
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.device.type == "cuda"
+
+    # bf16: 2 bytes per weight. 4 bits: half a byte per projection weight + 1 byte of absmax per block of 64, and
+    # 2 bytes for the rest: 5.24 M projection weights and 1.03 M others -> 12.5 MB in bf16, about 4.8 MB in 4 bits.
+    projection_weights = sum(m.in_features * m.out_features for m in linear4.values())
+    other_weights = sum(p.numel() for p in model.parameters() if not isinstance(p, bnb.nn.Params4bit))
+    bf16_bytes = 2 * (projection_weights + other_weights)
+    expected_bytes = projection_weights // 2 + projection_weights // 64 + 2 * other_weights
+    assert quantized_bytes < 0.5 * bf16_bytes, (quantized_bytes, bf16_bytes)
+    assert quantized_bytes < 1.1 * expected_bytes, (quantized_bytes, expected_bytes)
+    del model
+
+
+def test_lora_on_4bit_trains_only_lora_and_the_loss_falls(trained: Trained):
+    import bitsandbytes as bnb
+
+    named = dict(trained.model.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), [n for n in trainable if "lora_" not in n]
+    assert len(trainable) == 2 * LAYERS * len(PROJECTIONS)  # lora_A and lora_B of every adapted projection
+    # fp32 LoRA weights: AdamW's steps at the paper's lr 2e-5 would mostly round away in bf16
+    assert {named[n].dtype for n in trainable} == {torch.float32}
+    unquantized = {p.dtype for n, p in named.items() if "lora_" not in n and not isinstance(p, bnb.nn.Params4bit)}
+    assert unquantized == {torch.float32 if trained.setup.recipe.upcast_fp32 else torch.bfloat16}
+    assert trained.frozen_changed == []  # the 4-bit weights, embeddings, norms and head did not move
+
+    assert all(np.isfinite(trained.losses)), trained.losses
+    # Random weights: about ln(1000) = 6.9 at first; learning the answer id of 8 prompts brings it far down.
+    assert trained.losses[0] > 5.0, trained.losses
+    assert trained.losses[-1] < 0.5 * trained.losses[0], trained.losses
+
+
+def test_saved_adapter_reloads_to_the_same_evaluation_logits(trained: Trained, base_dir: Path, tmp_path: Path):
+    setup, model, frame = trained.setup, trained.model, trained.frame
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)  # as the finetune stage saves it
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    as_trained = label_logits(model, frame, ANSWERS, PAD, EVAL_BATCH, "as trained")
+
+    # Loaded as stages/evaluate.py loads it: a fresh 4-bit base, then the adapter cast to the compute dtype.
+    reloaded = load_adapter_for_inference(load_base_model(base_dir, setup.model, setup.params, ATTENTION), adapter_dir)
+    trained_params, reloaded_params = dict(model.named_parameters()), dict(reloaded.named_parameters())
+    assert sorted(reloaded_params) == sorted(trained_params)
+    for name, param in reloaded_params.items():
+        if "lora_" in name:  # the file round trip loses nothing beyond the cast
+            assert torch.equal(param, trained_params[name].to(param.dtype)), name
+
+    logits = label_logits(reloaded, frame, ANSWERS, PAD, EVAL_BATCH, "reloaded")
+    with reloaded.disable_adapter():
+        zero_shot = label_logits(reloaded, frame, ANSWERS, PAD, EVAL_BATCH, "zero-shot")
+    labels = frame["label"].to_numpy()
+    predicted = predictions_frame(labels, logits)["predicted"].to_numpy()
+
+    assert (predicted == labels).all()  # the answer learned for each prompt survives the round trip
+    # What evaluating in bf16 costs: the logits barely move, the predictions not at all.
+    print(f"max |reloaded - as trained| = {np.abs(logits - as_trained).max():.3g}")
+    np.testing.assert_allclose(logits, as_trained, rtol=0, atol=CAST_ATOL)
+    np.testing.assert_array_equal(predicted, predictions_frame(labels, as_trained)["predicted"].to_numpy())
+    # The comparisons can fail: the adapter moves these logits far beyond the tolerances.
+    assert np.abs(logits - zero_shot).max() > 4 * CAST_ATOL, np.abs(logits - zero_shot).max()
+
+    # The trained model in the evaluate stage's dtypes (the casts are exact for the frozen weights, which were bf16
+    # values; for LoRA they are the helper's own rounding) scores exactly as the reloaded one. Done last: it changes
+    # the fixture's model.
+    for name, param in trained_params.items():
+        if param.dtype != reloaded_params[name].dtype:
+            param.data = param.data.to(reloaded_params[name].dtype)
+    in_eval_dtypes = label_logits(model, frame, ANSWERS, PAD, EVAL_BATCH, "in eval dtypes")
+    print(f"max |reloaded - trained in eval dtypes| = {np.abs(logits - in_eval_dtypes).max():.3g} (0 expected)")
+    np.testing.assert_allclose(logits, in_eval_dtypes, rtol=SAME_RTOL, atol=SAME_ATOL)
