@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# On the H200 machine (see benchmarks/README.md): install the carried wheels, then run benchmarks/run_device.py.
-# Usage: bash benchmarks/device.sh llama [--paper-steps 6] [--budget-gib 16]
+# On a GPU machine (see benchmarks/README.md): install the carried wheels, then run benchmarks/run_device.py.
+# Usage: bash benchmarks/device.sh llama deepseek [--budget-gib 16] [--oom-gib 8] [--paper-steps 4]
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf/hub HF_HUB_OFFLINE=1
-export OUT=${OUT:-$PWD/out} TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf/hub HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OUT=${OUT:-$PWD/out}
 git -c user.email=d@d -c user.name=d commit -q --allow-empty -m run  # DVCLive needs a commit
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/gpu.csv"

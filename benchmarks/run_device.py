@@ -1,11 +1,20 @@
-"""One device call: the plain HF + PEFT + bitsandbytes baseline and the project's own stages on the same GPU,
-minutes apart, for one model. Results land in $OUT as JSON, one file per run, for benchmarks/record.py.
+"""The benchmark of one GPU: the plain HF + PEFT + bitsandbytes baseline and the project's own stages, minutes apart,
+for each model asked for. Every result is appended to $OUT/results.jsonl the moment it exists (a call cut short
+keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py turns the folder into records.
 
-    python3 benchmarks/run_device.py llama [--paper-steps 6] [--budget-gib 16]
+    python3 benchmarks/run_device.py llama deepseek [--budget-gib 16] [--budget-steps 30] [--oom-gib 8]
+                                                    [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
+                                                    [--parallel] [--gpu-tests]
 
-Runs: the baseline script (../shared/bench/hf_qlora_baseline.py, carried in .carry/), then download, tokenize,
-finetune (default recipe), evaluate; then finetune again with the paper's recipe (profiles/paper.yaml) for
---paper-steps steps, and with a memory budget when --budget-gib is given.
+--parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
+project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs.
+
+Per model: the baseline's best configuration (micro-batch 16, nf4 + double quant, checkpointing), run by importing
+../shared/bench/hf_qlora_baseline.py (carried in .carry/); then the paper-scale duel through the stages in order
+(download, tokenize, finetune with the default recipe, evaluate) with the profile; then, from the same tokenized
+data, finetune with a memory budget (--budget-gib, --budget-steps steps), the out-of-memory back-off shown with a
+small budget and checkpointing off (--oom-gib), and the paper's recipe (--paper-steps, with the baseline's
+micro-batch 1 x 16 beside it).
 """
 
 from __future__ import annotations
@@ -13,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,68 +35,138 @@ from duel.profile import apply, flatten
 
 ARCH = {"llama": "llama2-7b", "deepseek": "deepseek-7b"}
 OUT = Path(os.environ.get("OUT", "out"))
+BASELINE = """
+import importlib.util, json, os, sys, tempfile
+spec = importlib.util.spec_from_file_location("baseline", ".carry/hf_qlora_baseline.py")
+b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
+name, mb, accum, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path = os.path.join(tempfile.gettempdir(), f"ckpt-{name}")
+b.make_ckpt(name, path)
+b.run(name, path, True, mb, accum, True, steps)
+"""
 
 
-def write_params(key: str, *profiles: Path, **train: object) -> None:
+def emit(kind: str, model: str, tag: str, data: Any) -> None:
+    with (OUT / "results.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": kind, "model": model, "tag": tag, "data": data}) + "\n")
+
+
+def write_params(key: str, profiles: list[Path], **sections: dict[str, Any]) -> None:
     merged = yaml.safe_load(Path("params.base.yaml").read_text())
     for profile in profiles:
         merged = apply(merged, flatten(merged, yaml.safe_load(profile.read_text())))
     merged["models"] = {key: merged["models"][key]}
-    merged["train"] |= train
+    for section, values in sections.items():
+        merged[section] |= values
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
 
 
-def stage(name: str, *args: str, tag: str) -> float:
+def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
+    """Run a command, its stderr streamed into $OUT/log.txt (progress bars show even if the call is cut short)."""
     start = time.perf_counter()
-    with (OUT / f"{tag}.log").open("w") as log:
-        code = subprocess.call([sys.executable, "-m", f"stages.{name}", *args], stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    print(f"{tag}: exit {code} in {seconds:.1f} s", flush=True)
+    with (OUT / "log.txt").open("a") as log:
+        log.write(f"==== {tag}\n")
+        log.flush()
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        seconds = time.perf_counter() - start
+        log.write(f"{done.stdout[-3000:]}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
+    print(f"{tag}: exit {done.returncode} in {seconds:.1f} s", flush=True)
+    return done.returncode, seconds, done.stdout
+
+
+def stage(name: str, *args: str, tag: str) -> float:
+    code, seconds, _ = call([sys.executable, "-m", f"stages.{name}", *args], tag)
     if code:
-        print((OUT / f"{tag}.log").read_text()[-3000:], flush=True)
         raise SystemExit(code)
     return seconds
 
 
+def baseline(key: str, micro_batch: int, accum: int, steps: int) -> None:
+    _, seconds, stdout = call(
+        [sys.executable, "-c", BASELINE, ARCH[key], str(micro_batch), str(accum), str(steps)], f"baseline_{key}"
+    )
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        emit("baseline", key, f"mb{micro_batch}x{accum}", row | {"call_s": round(seconds, 1)})
+
+
+def finetune(key: str, tag: str) -> None:
+    code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}")
+    if code == 0:
+        emit("finetune", key, tag, json.loads(Path(f"metrics/finetune_{key}.json").read_text()) | {"stage_s": seconds})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("key", choices=list(ARCH))
+    parser.add_argument("keys", nargs="+", choices=list(ARCH))
+    parser.add_argument("--profile", type=Path, default=Path("benchmarks/profiles/h200.yaml"))
+    parser.add_argument("--budget-gib", type=float, default=16)
+    parser.add_argument("--budget-steps", type=int, default=30)
+    parser.add_argument("--oom-gib", type=float, default=0)
     parser.add_argument("--paper-steps", type=int, default=0)
-    parser.add_argument("--budget-gib", type=float, default=0)
-    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--test-size", type=int, default=0, help="fewer test reviews than the profile's")
+    parser.add_argument("--no-default", action="store_true", help="skip the default 200-step fine-tune")
+    parser.add_argument("--parallel", action="store_true")
+    parser.add_argument("--gpu-tests", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    key, h200 = args.key, Path("benchmarks/profiles/h200.yaml")
+    if args.parallel and len(args.keys) > 1:
+        run_in_parallel(args.keys)
+        return
     if not Path("params.base.yaml").exists():
         Path("params.base.yaml").write_text(Path("params.yaml").read_text())
+    profiles = [args.profile]
 
-    if not args.skip_baseline:
-        start = time.perf_counter()
-        with (OUT / f"baseline_{key}.jsonl").open("w") as out:
-            subprocess.call([sys.executable, ".carry/hf_qlora_baseline.py", ARCH[key]], stdout=out)
-        print(f"baseline {key}: {time.perf_counter() - start:.1f} s", flush=True)
-        print((OUT / f"baseline_{key}.jsonl").read_text(), flush=True)
+    data = {"test_size": args.test_size} if args.test_size else {}
 
-    timings: dict[str, float] = {}
-    write_params(key, h200)
-    duel_start = time.perf_counter()
-    timings["download"] = stage("download", tag=f"download_{key}")
-    timings["tokenize"] = stage("tokenize", tag=f"tokenize_{key}")
-    timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
-    (OUT / f"finetune_{key}_default.json").write_text(Path(f"metrics/finetune_{key}.json").read_text())
-    timings["evaluate"] = stage("evaluate", tag=f"evaluate_{key}")
-    timings["duel_wall_s"] = time.perf_counter() - duel_start
-    (OUT / f"evaluate_{key}.json").write_text(Path("metrics/evaluate.json").read_text())
-    (OUT / f"timings_{key}.json").write_text(json.dumps(timings))
+    for key in args.keys:
+        if not args.no_default:
+            baseline(key, 16, 1, 4)
+        write_params(key, profiles, data=data)
+        timings = {name: stage(name, tag=f"{name}_{key}") for name in ("download", "tokenize")}
+        if not args.no_default:
+            timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
+            emit("finetune", key, "default", json.loads(Path(f"metrics/finetune_{key}.json").read_text()))
+        if args.budget_gib:
+            budget = {"memory_budget_gib": args.budget_gib, "steps": args.budget_steps}
+            write_params(key, profiles, data=data, train=budget)
+            finetune(key, "budget")
+        timings["evaluate"] = stage("evaluate", tag=f"evaluate_{key}")
+        emit("evaluate", key, "default", json.loads(Path("metrics/evaluate.json").read_text()))
+        emit("timings", key, "duel", timings | {"duel_wall_s": round(sum(timings.values()), 1)})
+        if args.no_default:
+            baseline(key, 16, 1, 4)
+        if args.oom_gib:
+            small = {"memory_budget_gib": args.oom_gib, "steps": 4, "gradient_checkpointing": False}
+            write_params(key, profiles, data=data, train=small)
+            finetune(key, "oom")
+        if args.paper_steps:
+            baseline(key, 1, 16, 2)
+            write_params(key, [*profiles, Path("profiles/paper.yaml")], train={"steps": args.paper_steps})
+            finetune(key, "paper")
+        if args.gpu_tests and key == args.keys[0]:
+            code, _, stdout = call(
+                [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-ra", "tests/test_gpu.py"], "gpu"
+            )
+            emit("gpu_tests", key, "pytest", {"exit": code, "summary": stdout.strip().splitlines()[-1:]})
 
-    if args.paper_steps:
-        write_params(key, h200, Path("profiles/paper.yaml"), steps=args.paper_steps)
-        stage("finetune", key, tag=f"finetune_{key}_paper")
-        (OUT / f"finetune_{key}_paper.json").write_text(Path(f"metrics/finetune_{key}.json").read_text())
-    if args.budget_gib:
-        write_params(key, h200, memory_budget_gib=args.budget_gib)
-        stage("finetune", key, tag=f"finetune_{key}_budget")
-        (OUT / f"finetune_{key}_budget.json").write_text(Path(f"metrics/finetune_{key}.json").read_text())
+
+def run_in_parallel(keys: list[str]) -> None:
+    """Each model on its own GPU, in its own copy of the project (the stages write params.yaml, data/, models/)."""
+    flags = [a for a in sys.argv[1:] if a not in keys and a != "--parallel"]
+    children = []
+    for gpu, key in enumerate(keys):
+        copy = Path(f"/tmp/bench-{key}")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(".", copy, symlinks=True, ignore=shutil.ignore_patterns("out", "checkpoints"))
+        env = os.environ | {"CUDA_VISIBLE_DEVICES": str(gpu), "OUT": str(OUT.resolve() / key)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(copy)) if p)
+        own = [f for f in flags if gpu == 0 or f != "--gpu-tests"]  # the GPU tests once
+        cmd = [sys.executable, "benchmarks/run_device.py", key, *own]
+        children.append(subprocess.Popen(cmd, cwd=copy, env=env))
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise SystemExit(max(codes))
 
 
 if __name__ == "__main__":

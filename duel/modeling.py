@@ -222,6 +222,20 @@ def switch_on_checkpointing(model: Any) -> bool:
     return True
 
 
+def dequantized(base: PreTrainedModel) -> PreTrainedModel:
+    """The 4-bit base as plain linear layers in its compute dtype (transformers' own dequantize), in eval mode."""
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize()
+    return base.eval()
+
+
+def merged_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """An unquantized base with a saved adapter merged into its weights (PEFT's merge_and_unload)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
+
+
 def load_adapter_for_inference(base: PreTrainedModel, adapter_dir: Path) -> Any:
     """The base with a saved adapter, its weights cast to the base's compute dtype: PEFT keeps them in fp32, which
     would cast every activation to fp32 in each of the seven adapted projections."""

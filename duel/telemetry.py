@@ -1,6 +1,6 @@
 """What the hardware paid: torch's memory peaks, NVML's device-level peak, utilization and energy.
 
-Definitions (all per process, GPU 0):
+Definitions (all per process, on the process's current CUDA device):
 - peak_vram_allocated_gib: torch.cuda.max_memory_allocated, tensors alive at the worst moment.
 - peak_vram_reserved_gib: torch.cuda.max_memory_reserved, what torch's caching allocator held (>= allocated).
 - nvml_peak_gib: highest device memory in use seen by NVML, sampled every 50 ms in a background thread; it also
@@ -40,7 +40,9 @@ class GpuSampler:
         import pynvml
 
         pynvml.nvmlInit()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        # NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES: find torch's device by its UUID.
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
         self._energy_start_mj = self.energy_mj()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -10,8 +10,8 @@ confusion matrix, reviews/s for every model and variant) and data/predictions/<k
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -19,9 +19,26 @@ import torch
 from duel import cli
 from duel.evaluation import classification_metrics, label_logits, predictions_frame
 from duel.io import atomic_dir, read_json, write_json
-from duel.modeling import attention_implementation, load_adapter_for_inference, load_base_model, load_tokenizer
+from duel.modeling import (
+    attention_implementation,
+    dequantized,
+    load_adapter_for_inference,
+    load_base_model,
+    load_tokenizer,
+    merged_adapter,
+)
 from duel.params import load_params
 from duel.telemetry import GpuSampler, Stopwatch, torch_memory
+
+
+def score(model: Any, test: pd.DataFrame, answer_ids: tuple[int, int], pad_id: int, batch: int, desc: str) -> tuple:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sampler, watch = GpuSampler().start(), Stopwatch()
+    logits = label_logits(model, test, answer_ids, pad_id, batch, desc)
+    seconds = watch.elapsed_s()
+    timing = {"eval_time_s": round(seconds, 2), "reviews_per_s": round(len(test) / seconds, 2)}
+    return logits, timing | sampler.stop() | torch_memory()
 
 
 def main() -> None:
@@ -31,32 +48,29 @@ def main() -> None:
     with atomic_dir("data/predictions") as predictions:
         for key, model_params in params.models.items():
             base, tokens = Path("models/base") / key, Path("data/tokenized") / key
+            adapter = Path("models/adapters") / key
             test = pd.read_parquet(tokens / "test.parquet")
+            labels = test["label"].to_numpy()
             answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
             pad_id = load_tokenizer(base).pad_token_id
             model = load_base_model(base, model_params, params, attention)
-            model = load_adapter_for_inference(model, Path("models/adapters") / key)
+            if params.eval.merge_adapter:
+                model = dequantized(model)
+            scored = {}
+            if params.eval.zero_shot:  # the base model alone, before the adapter joins it
+                scored["zero_shot"] = score(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} zero-shot")
+            model = (
+                merged_adapter(model, adapter)
+                if params.eval.merge_adapter
+                else load_adapter_for_inference(model, adapter)
+            )
+            scored["finetuned"] = score(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} finetuned")
             results[key] = {}
-            variants = ["finetuned", "zero_shot"] if params.eval.zero_shot else ["finetuned"]
-            for variant in variants:
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                sampler, watch = GpuSampler().start(), Stopwatch()
-                # zero_shot: the same weights with LoRA switched off, i.e. the base model
-                adapter = model.disable_adapter() if variant == "zero_shot" else contextlib.nullcontext()
-                with adapter:
-                    logits = label_logits(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} {variant}")
-                seconds = watch.elapsed_s()
-                labels = test["label"].to_numpy()
-                results[key][variant] = (
-                    classification_metrics(labels, logits)
-                    | {
-                        "eval_time_s": round(seconds, 2),
-                        "reviews_per_s": round(len(test) / seconds, 2),
-                    }
-                    | sampler.stop()
-                    | torch_memory()
-                )
+            for variant in ("finetuned", "zero_shot"):
+                if variant not in scored:
+                    continue
+                logits, measured = scored[variant]
+                results[key][variant] = classification_metrics(labels, logits) | measured
                 predictions_frame(labels, logits).to_csv(predictions / f"{key}_{variant}.csv", index=False)
                 print(
                     f"evaluate {key} {variant}: accuracy {results[key][variant]['accuracy']}, "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ IMDB = SHARED / "data" / "imdb"
 os.environ["HF_HUB_CACHE"] = str(SHARED / "hf" / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from project_copy import StageRun, run_pipeline, stage_env  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from duel.params import Params, load_params  # noqa: E402
@@ -60,3 +63,21 @@ def tiny_model(request):
         attn_implementation=request.param,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> StageRun:
+    """The small pipeline (project_copy.SMALL_RUN) run once, uninterrupted, in a copy of the project."""
+    return run_pipeline(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
+def hub_token() -> str:
+    """A fresh fake hub token, in the shape of a real one (hf_ + 34 letters)."""
+    return "hf_" + "".join(secrets.choice(string.ascii_letters) for _ in range(34))
+
+
+@pytest.fixture(scope="session")
+def token_run(tmp_path_factory: pytest.TempPathFactory, hub_token: str) -> StageRun:
+    """The same small pipeline in a second copy, with HF_TOKEN set in the stages' environment."""
+    return run_pipeline(tmp_path_factory.mktemp("with-token"), stage_env({"HF_TOKEN": hub_token}))

@@ -1,0 +1,101 @@
+"""A copy of the working tree beside ../shared, with a params.yaml of our choosing, to run the stages in by
+subprocess (no DVC). The crash/resume, determinism and secrets tests share it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from duel.profile import apply, flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# The demo profile, shortened: 12 steps x 16 reviews, a checkpoint every 4 steps, 40 test reviews; llama only.
+SMALL_RUN = {"train.steps": 12, "train.save_steps": 4, "data.train_size": 12 * 16, "data.test_size": 40}
+# What the stages write: never copied, so a copy starts from sources only, whatever the working tree holds.
+OUTPUTS = ("data/", "models/", "metrics/", "plots/", "reports/", "checkpoints/", "dvc.lock")
+ADAPTER = Path("models/adapters/llama/adapter_model.safetensors")
+PIPELINE = [("download",), ("tokenize",), ("finetune", "llama"), ("evaluate",), ("report",)]
+
+
+@dataclass(frozen=True)
+class StageRun:
+    repo: Path
+    log: str
+    """stdout + stderr of every stage run, in order."""
+
+
+def make_copy(base: Path, overrides: dict[str, Any], models: tuple[str, ...] = ("llama",)) -> Path:
+    """base/project: the tracked and untracked files of the working tree except OUTPUTS, base/shared -> ../shared,
+    and params.yaml = params.yaml + profiles/demo.yaml + `overrides` (dotted names), keeping only `models`."""
+    repo = base / "project"
+    (base / "shared").symlink_to(SHARED)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(OUTPUTS):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    demo = flatten(raw, yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text()))
+    merged = apply(raw, demo | overrides)
+    merged["models"] = {key: merged["models"][key] for key in models}
+    (repo / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    return repo
+
+
+def clone(repo: Path, base: Path) -> Path:
+    """Another copy of a project copy, in the state it is in (outputs and checkpoints included)."""
+    (base / "shared").symlink_to(SHARED)
+    shutil.copytree(repo, base / "project", symlinks=True)
+    return base / "project"
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Offline hub and data sets, the venv's python first on PATH, no hub token unless `extra` sets one."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    return inherited | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_CACHE": str(SHARED / "hf" / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(extra or {}),
+    }
+
+
+def stage_command(stage: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"stages.{stage}", *args]
+
+
+def run_stage(repo: Path, stage: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run one stage in `repo`; fail the test with its output if it fails. Returns its stdout + stderr."""
+    done = subprocess.run(stage_command(stage, *args), cwd=repo, env=env or stage_env(), capture_output=True, text=True)
+    assert done.returncode == 0, f"{stage} {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def run_pipeline(base: Path, env: dict[str, str] | None = None) -> StageRun:
+    """Every stage of a SMALL_RUN copy, in dvc.yaml's order."""
+    repo = make_copy(base, SMALL_RUN)
+    return StageRun(repo, "".join(run_stage(repo, *stage, env=env) for stage in PIPELINE))
+
+
+def assert_same_adapter(repo: Path, reference: Path) -> None:
+    """Bit-identical LoRA weights; on a mismatch the message gives the largest difference per tensor."""
+    weights, expected = load_file(repo / ADAPTER), load_file(reference / ADAPTER)
+    assert weights.keys() == expected.keys() and len(weights) > 0
+    differences = {name: (weights[name] - expected[name]).abs().max().item() for name in expected}
+    assert all(torch.equal(weights[name], expected[name]) for name in expected), (
+        f"largest difference {max(differences.values())}: {differences}"
+    )

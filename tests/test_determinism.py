@@ -1,0 +1,98 @@
+"""Two runs of the same stages with the same params, in two copies of the project, write the same results: the
+data subsets, the per-step losses, the fine-tune metrics (timing, throughput and memory aside), the adapter, the
+evaluation's quality metrics and every prediction. The second run has a hub token in its environment, which must
+change nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from project_copy import StageRun, assert_same_adapter
+
+pytestmark = pytest.mark.slow
+
+# metrics/finetune_llama.json: what must repeat, and what measures this machine's speed at this moment.
+FINETUNE_COMPARED = [
+    "model",
+    "final_loss",
+    "train_loss_mean",
+    "steps",
+    "resumed_from_step",
+    "padding_share",
+    "memory_plot",
+    "attention",
+    "precision",
+    "quantization",
+    "padding",
+    "gradient_checkpointing",
+    "memory_budget_gib",
+    "micro_batch",
+    "grad_accum",
+    "oom_retries",
+    "trainable_parameters",
+    "total_parameters",
+    "device",
+]
+FINETUNE_TIMING = [
+    "train_time_s",
+    "reviews_per_s",
+    "tokens_per_s",
+    "padded_tokens_per_s",
+    "nvml_peak_gib",
+    "gpu_util_mean_pct",
+    "energy_j",
+    "peak_vram_allocated_gib",
+    "peak_vram_reserved_gib",
+    "energy_j_per_step",
+]
+# metrics/evaluate.json, per model and variant.
+EVALUATE_COMPARED = [
+    "accuracy",
+    "f1",
+    "precision",
+    "recall",
+    "roc_auc",
+    "predicted_positive_share",
+    "confusion_matrix",
+    "reviews",
+]
+
+
+def read_json(run: StageRun, name: str) -> dict:
+    return json.loads((run.repo / name).read_text())
+
+
+def test_finetune_metrics_repeat(reference_run: StageRun, token_run: StageRun) -> None:
+    first, second = (read_json(run, "metrics/finetune_llama.json") for run in (reference_run, token_run))
+    unclassified = set(first) - set(FINETUNE_COMPARED) - set(FINETUNE_TIMING)
+    assert not unclassified, f"new fields {unclassified}: add each to FINETUNE_COMPARED or FINETUNE_TIMING"
+    assert {k: first[k] for k in FINETUNE_COMPARED} == {k: second[k] for k in FINETUNE_COMPARED}
+    assert first["steps"] == 12 and first["resumed_from_step"] == 0
+
+
+def test_data_losses_and_adapter_repeat(reference_run: StageRun, token_run: StageRun) -> None:
+    for name in ("data/train.parquet", "data/test.parquet", "data/tokenized/llama/train.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(reference_run.repo / name), pd.read_parquet(token_run.repo / name), obj=name
+        )
+    series = "plots/llama/plots/metrics/loss.tsv"
+    first, second = (pd.read_csv(run.repo / series, sep="\t") for run in (reference_run, token_run))
+    assert len(first) == 12
+    pd.testing.assert_frame_equal(first[["step", "loss"]], second[["step", "loss"]])
+    assert_same_adapter(token_run.repo, reference_run.repo)
+
+
+def test_evaluation_repeats(reference_run: StageRun, token_run: StageRun) -> None:
+    first, second = (read_json(run, "metrics/evaluate.json") for run in (reference_run, token_run))
+    assert set(first) == set(second) == {"llama"}
+    assert set(first["llama"]) == set(second["llama"]) == {"finetuned", "zero_shot"}
+    for variant in ("finetuned", "zero_shot"):
+        quality = [{k: metrics["llama"][variant][k] for k in EVALUATE_COMPARED} for metrics in (first, second)]
+        assert quality[0] == quality[1], variant
+        assert quality[0]["reviews"] == 40
+        # Every review's two logits, bit for bit: the CSVs are the same bytes.
+        name = f"data/predictions/llama_{variant}.csv"
+        assert (reference_run.repo / name).read_bytes() == (token_run.repo / name).read_bytes(), name
+        assert len(pd.read_csv(reference_run.repo / name)) == 40

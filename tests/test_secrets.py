@@ -1,0 +1,84 @@
+"""A hub token in the environment (HF_TOKEN) never reaches what the stages write or print: params, metrics, plots,
+reports, adapters' training.json, predictions, logs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from project_copy import StageRun
+
+from duel.modeling import versions
+
+pytestmark = pytest.mark.slow
+
+TOKEN_KEY = re.compile(r"(^|_)token$|secret|passw|api_?key|credential|auth", re.IGNORECASE)
+TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{30,}")
+TEXT_SUFFIXES = {".json", ".yaml", ".md", ".tsv", ".csv", ".txt", ".log"}
+
+
+def files_holding(root: Path, needle: bytes) -> list[str]:
+    return [str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file() and needle in p.read_bytes()]
+
+
+def keys(data: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of nested mappings and lists."""
+    if isinstance(data, dict):
+        return [k for key, value in data.items() for k in [f"{prefix}{key}", *keys(value, f"{prefix}{key}.")]]
+    if isinstance(data, list):
+        return [k for value in data for k in keys(value, prefix)]
+    return []
+
+
+def test_scanner_finds_a_planted_token(tmp_path: Path, hub_token: str) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.json").write_text(json.dumps({"env": {"HF_TOKEN": hub_token}}))
+    (tmp_path / "clean.txt").write_text("nothing here")
+    assert files_holding(tmp_path, hub_token.encode()) == ["a/b/x.json"]
+    assert keys({"env": {"hf_token": 1, "tokens_per_s": 2}, "x": [{"api_key": 3}]}) == [
+        "env",
+        "env.hf_token",
+        "env.tokens_per_s",
+        "x",
+        "x.api_key",
+    ]
+
+
+def test_token_in_no_output_and_no_log(token_run: StageRun, hub_token: str) -> None:
+    repo = token_run.repo
+    written = {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()}
+    for expected in (
+        "params.yaml",
+        "metrics/data.json",
+        "metrics/finetune_llama.json",
+        "metrics/evaluate.json",
+        "models/adapters/llama/training.json",
+        "models/base/llama/model.json",
+        "plots/llama/params.yaml",
+        "data/predictions/llama_finetuned.csv",
+        "reports/report.md",
+    ):
+        assert expected in written, f"{expected} was not written: the scan would miss it"
+    assert files_holding(repo, hub_token.encode()) == []
+    assert hub_token not in token_run.log
+    for name in sorted(written):
+        if Path(name).suffix in TEXT_SUFFIXES and not name.endswith("tokenizer.json"):
+            assert not TOKEN_VALUE.search((repo / name).read_text(errors="replace")), f"{name} holds a hub token"
+
+
+def test_no_token_keys_in_training_json(token_run: StageRun) -> None:
+    training = json.loads((token_run.repo / "models/adapters/llama/training.json").read_text())
+    assert {"params", "versions", "metrics"} <= set(training)
+    assert [k for k in keys(training) if TOKEN_KEY.search(k.rsplit(".", 1)[-1])] == []
+    assert not TOKEN_VALUE.search(json.dumps(training))
+
+
+def test_no_token_in_versions(monkeypatch: pytest.MonkeyPatch, hub_token: str) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    found = versions()
+    assert "torch" in found and "transformers" in found
+    assert [k for k in found if TOKEN_KEY.search(k)] == []
+    assert hub_token not in json.dumps(found)
