@@ -43,26 +43,43 @@ def versions() -> dict[str, str | None]:
 
 def _hub_call(key: str, model: ModelParams, fn: Any, **kwargs: Any) -> Any:
     """Call a hub-backed loader and turn its many failure types into one line naming the model and the fix."""
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     try:
         return fn(model.checkpoint, revision=model.revision, trust_remote_code=model.trust_remote_code, **kwargs)
-    except RepositoryNotFoundError:
-        raise ModelError(
-            f"models.{key}.checkpoint: {model.checkpoint!r} does not exist on the hub; check the id"
-        ) from None
-    except GatedRepoError:
-        raise ModelError(
-            f"models.{key}.checkpoint: {model.checkpoint!r} is gated; accept its licence on the hub and export HF_TOKEN"
-        ) from None
-    except (LocalEntryNotFoundError, OSError) as err:
+    except (OSError, ValueError) as err:
         if Path(model.checkpoint).exists():
             raise ModelError(f"models.{key}.checkpoint: cannot load {model.checkpoint} ({err})") from None
+        raise
+
+
+def _check_on_hub(key: str, model: ModelParams) -> None:
+    """Fetch the checkpoint's config.json (from the cache when offline) through the hub client, whose errors say
+    what is wrong; transformers' loaders re-raise them as generic errors, or, for tokenizers, go on without files."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"models.{key}.checkpoint: {model.checkpoint!r}"
+    try:
+        hf_hub_download(model.checkpoint, "config.json", revision=model.revision)
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise ModelError(f"{name} is gated; accept its licence on the hub and export HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{name} does not exist on the hub (or is private: export HF_TOKEN); check the id") from None
+    except RevisionNotFoundError:
         raise ModelError(
-            f"models.{key}.checkpoint: {model.checkpoint!r} is not reachable on the hub and not in the cache "
-            f"({type(err).__name__}); to run offline set HF_HUB_OFFLINE=1 and HF_HUB_CACHE to a cache that holds "
-            "it, or use a local folder"
+            f"models.{key}.revision: {model.revision!r} is not a branch, tag or commit of {model.checkpoint}"
         ) from None
+    except LocalEntryNotFoundError as err:
+        raise ModelError(
+            f"{name} is not reachable on the hub and not in the cache ({type(err.__cause__ or err).__name__}); to run "
+            "offline set HF_HUB_OFFLINE=1 and HF_HUB_CACHE to a cache that holds it, or use a local folder"
+        ) from None
+    except ValueError as err:  # an id that is not of the form org/name
+        raise ModelError(f"{name} is not a hub id nor a local folder ({str(err).splitlines()[0]})") from None
 
 
 def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]:
@@ -74,6 +91,8 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
     # The checkpoint's tokenizer.json as it is: transformers 5's AutoTokenizer maps DeepSeek-LLM's
     # "LlamaTokenizerFast" class onto Llama's Metaspace pre-tokenizer, which drops every space of its byte-level BPE
     # ("Hello world" -> "H", "ellow", "orld"). Loading the file directly keeps Llama-2's tokens unchanged too.
+    if not Path(model.checkpoint).is_dir():
+        _check_on_hub(key, model)
     tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained)
     config = _hub_call(key, model, AutoConfig.from_pretrained)
     with atomic_dir(out_dir) as tmp:
@@ -204,7 +223,8 @@ AUTO_CHECKPOINTING_BELOW_GIB = 80.0
 
 def checkpointing_wanted(params: Params) -> bool:
     """train.gradient_checkpointing resolved: auto is off where training may use at least 80 GiB (on the H200, the
-    7B models with micro-batch 16 packed peaked at about ... GiB without it), on elsewhere and on CPUs."""
+    7B models with micro-batch 16 packed peaked at 49-51 GiB torch-reserved without it, 8-9 GiB with it), on
+    elsewhere and on CPUs."""
     wanted = params.train.gradient_checkpointing
     if wanted != "auto":
         return bool(wanted)
@@ -220,6 +240,20 @@ def switch_on_checkpointing(model: Any) -> bool:
         return False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return True
+
+
+MERGE_FROM_GIB = 40.0
+
+
+def merge_wanted(params: Params) -> bool:
+    """eval.merge_adapter resolved: auto merges on CPUs and on GPUs of at least 40 GiB (the unquantized 7B model
+    and a batch of 64 reviews peaked at 22 GiB on the H200)."""
+    wanted = params.eval.merge_adapter
+    if wanted != "auto":
+        return bool(wanted)
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 >= MERGE_FROM_GIB
 
 
 def dequantized(base: PreTrainedModel) -> PreTrainedModel:

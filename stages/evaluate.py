@@ -25,6 +25,7 @@ from duel.modeling import (
     load_adapter_for_inference,
     load_base_model,
     load_tokenizer,
+    merge_wanted,
     merged_adapter,
 )
 from duel.params import load_params
@@ -54,23 +55,20 @@ def main() -> None:
             answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
             pad_id = load_tokenizer(base).pad_token_id
             model = load_base_model(base, model_params, params, attention)
-            if params.eval.merge_adapter:
+            merge = merge_wanted(params)
+            if merge:
                 model = dequantized(model)
             scored = {}
             if params.eval.zero_shot:  # the base model alone, before the adapter joins it
                 scored["zero_shot"] = score(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} zero-shot")
-            model = (
-                merged_adapter(model, adapter)
-                if params.eval.merge_adapter
-                else load_adapter_for_inference(model, adapter)
-            )
+            model = merged_adapter(model, adapter) if merge else load_adapter_for_inference(model, adapter)
             scored["finetuned"] = score(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} finetuned")
             results[key] = {}
             for variant in ("finetuned", "zero_shot"):
                 if variant not in scored:
                     continue
                 logits, measured = scored[variant]
-                results[key][variant] = classification_metrics(labels, logits) | measured
+                results[key][variant] = classification_metrics(labels, logits) | measured | {"merged_adapter": merge}
                 predictions_frame(labels, logits).to_csv(predictions / f"{key}_{variant}.csv", index=False)
                 print(
                     f"evaluate {key} {variant}: accuracy {results[key][variant]['accuracy']}, "

@@ -69,7 +69,9 @@ def main() -> None:
     model = add_lora(load_base_model(base, model_params, params, attention), model_params, params)
     trainable, total_params = model.get_nb_trainable_parameters()
 
-    last = max(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), default=None)
+    # trainer_state.json is the last file the Trainer writes: a folder without it is a save cut short by a crash.
+    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    last = max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
     start_step = int(last.name.split("-")[1]) if last else 0
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
@@ -105,18 +107,22 @@ def main() -> None:
         str(last) if last else None,
         lambda: switch_on_checkpointing(model),
     )
-    trainer, result = run.trainer, run.output
+    trainer = run.trainer
     train_s = watch.elapsed_s()
     hardware = sampler.stop() | torch_memory()
     real_tokens, padded_tokens = token_counts[run.micro_batch]
 
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    losses = [loss for _, loss in logged]
+    # Each logged loss is the mean over the steps since the previous log; the log history survives a resume (the
+    # Trainer's own training_loss covers only the steps this process ran).
+    windows = np.diff([0] + [step for step, _ in logged])
     timed = slice(start_step, None)  # after a resume, only the steps this process ran were timed
     steps_timed = params.train.steps - start_step
     metrics = {
         "model": key,
         "final_loss": round(losses[-1], 4),
-        "train_loss_mean": round(result.training_loss, 4),
+        "train_loss_mean": round(float(np.dot(windows, losses) / windows.sum()), 4),
         "steps": trainer.state.global_step,
         "resumed_from_step": start_step,
         "train_time_s": round(train_s, 2),

@@ -59,42 +59,22 @@ def resolve_missing(params, tmp_path: Path) -> ModelError:
     return caught.value
 
 
-BUG_TOKENIZER = (
-    "BUG duel/modeling.py resolve_model: PreTrainedTokenizerFast.from_pretrained treats every tokenizer file as "
-    "optional, so a missing or unreachable repo raises a multi-line ValueError ('Couldn't instantiate the backend "
-    "tokenizer') that _hub_call does not catch; the stage ends in a traceback"
-)
-BUG_WRAPPED = (
-    "BUG duel/modeling.py _hub_call: transformers re-raises RepositoryNotFoundError / GatedRepoError as a plain "
-    "OSError (the hub error is its __cause__), so the except clauses for them never match and the message says "
-    "'not reachable ... set HF_HUB_OFFLINE=1'"
-)
-BUG_GATED = (
-    f"{BUG_WRAPPED}; besides, GatedRepoError subclasses RepositoryNotFoundError, so even unwrapped it would be "
-    "reported as 'does not exist' (its except clause must come first)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=BUG_TOKENIZER)
 def test_missing_model_offline(params, tmp_path: Path) -> None:
     assert constants.HF_HUB_OFFLINE  # conftest's offline mode, as in `make demo`
     resolve_missing(params, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=BUG_TOKENIZER)
 def test_hub_unreachable_says_how_to_run_offline(params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub_answers(monkeypatch, httpx.ConnectError("[Errno 111] Connection refused"))
     assert "HF_HUB_OFFLINE=1" in str(resolve_missing(params, tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_WRAPPED)
 def test_missing_model_online_says_it_does_not_exist(params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub_answers(monkeypatch, http_error(RepositoryNotFoundError, 404))
     message = str(resolve_missing(params, tmp_path))
     assert "does not exist on the hub" in message and "HF_HUB_OFFLINE" not in message
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_GATED)
 def test_gated_model_says_to_accept_the_licence(params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub_answers(monkeypatch, http_error(GatedRepoError, 403))
     message = str(resolve_missing(params, tmp_path))
@@ -207,12 +187,7 @@ def outputs(repo: Path) -> set[str]:
         (("finetune", "llama"), {"lora.r": 0}, "error: lora.r: 0 must be > 0"),
         (("tokenize",), {"train.lerning_rate": 2e-5}, "error: train.lerning_rate: unknown key"),
         (("download",), {"data.source": "../shared/data/no-such-folder"}, "error: data.source: "),
-        pytest.param(
-            ("download",),
-            {"models.llama.checkpoint": MISSING},
-            "error: models.llama.checkpoint: ",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUG_TOKENIZER),
-        ),
+        (("download",), {"models.llama.checkpoint": MISSING}, "error: models.llama.checkpoint: "),
     ],
     ids=["ParamsError-range", "ParamsError-misspelled", "DataError", "ModelError"],
 )

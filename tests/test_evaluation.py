@@ -100,3 +100,54 @@ def test_label_logits_padding_is_masked(tiny_model):
     np.testing.assert_allclose(scored[0], alone(tiny_model, short), atol=1e-4)
     assert np.abs(unmasked.numpy() - scored[0]).max() > 1e-3
     np.testing.assert_allclose(shifted.numpy(), scored[0], atol=1e-4)
+
+
+def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path):
+    """eval.merge_adapter: the dequantized base with the adapter merged in scores like the dequantized base with the
+    adapter on the side (merging changes nothing), and both like the 4-bit base with the adapter (dequantizing keeps
+    the weights; bitsandbytes' CPU kernels round a little differently from a plain fp32 product)."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from duel.io import write_json
+    from duel.modeling import dequantized, load_adapter_for_inference, load_base_model, merged_adapter
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=PAD,
+    )
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    write_json(base_dir / "model.json", {"path": str(base_dir)})
+    quantization = dataclasses.replace(params.quantization, enabled=True, compute_dtype="float32")
+    small = dataclasses.replace(params, quantization=quantization)
+
+    def base_4bit():
+        return load_base_model(base_dir, small.model("llama"), small, "sdpa")
+
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(base_4bit(), lora).save_pretrained(adapter_dir)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"input_ids": [rng.integers(10, 300, size=n).tolist() for n in (9, 4, 13, 6)], "label": 0})
+
+    def scores(model) -> np.ndarray:
+        return label_logits(model, frame, ANSWERS, PAD, batch_size=2, desc="test")
+
+    plain = dequantized(base_4bit())
+    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # no 4-bit layer left
+    zero_shot = scores(plain)
+    merged = scores(merged_adapter(plain, adapter_dir))
+    beside = scores(load_adapter_for_inference(dequantized(base_4bit()), adapter_dir))
+    beside_4bit = scores(load_adapter_for_inference(base_4bit(), adapter_dir))
+    effect = np.abs(beside - zero_shot).max()
+    assert effect > 0.1  # the adapter matters ...
+    np.testing.assert_allclose(merged, beside, atol=1e-5)  # ... merging it changes nothing ...
+    assert np.abs(beside - beside_4bit).max() < 0.05 * effect  # ... nor does dequantizing, beyond kernel rounding

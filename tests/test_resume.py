@@ -104,12 +104,6 @@ def test_resume_matches_uninterrupted_run(
     assert loss["loss"].tolist() == expected["loss"].tolist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG stages/finetune.py: train_loss_mean is the Trainer's training_loss, which after a resume sums only "
-    "the steps this process ran but divides by all steps",
-)
 def test_resume_keeps_the_mean_loss(resumed: StageRun, reference_run: StageRun) -> None:
     metrics, reference = (
         json.loads((run.repo / "metrics/finetune_llama.json").read_text()) for run in (resumed, reference_run)
@@ -117,11 +111,6 @@ def test_resume_keeps_the_mean_loss(resumed: StageRun, reference_run: StageRun) 
     assert metrics["train_loss_mean"] == reference["train_loss_mean"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG stages/finetune.py: resumes from the newest checkpoint-* folder even without trainer_state.json",
-)
 def test_resume_skips_a_checkpoint_killed_mid_save(
     crashed: tuple[Path, int], reference_run: StageRun, tmp_path: Path
 ) -> None:
