@@ -117,7 +117,8 @@ class TrainParams:
     itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every
     review to data.max_length (paper)."""
     pack_tokens: int
-    """Row length for padding: packed (at least data.max_length)."""
+    """Target row length for padding: packed: a micro-batch's reviews go into ceil(tokens / pack_tokens) rows of
+    about equal length (at least data.max_length)."""
     logging_steps: int
     save_steps: int
     """Checkpoint every N steps so a crashed run resumes (0: never)."""

@@ -60,17 +60,16 @@ class ReviewDataset(torch.utils.data.Dataset):
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: indices of `lengths` grouped into rows of at most `row_tokens` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+    """Indices of `lengths` in ceil(total / row_tokens) rows of about equal length: longest first, each into the
+    row holding the fewest tokens so far. Every row is padded to the longest, so balanced rows waste least; a row may
+    pass row_tokens by less than one sequence."""
+    count = min(len(lengths), max(1, -(-sum(lengths) // row_tokens)))
+    rows: list[list[int]] = [[] for _ in range(count)]
+    totals = [0] * count
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if row is None:
-            rows.append([])
-            room.append(row_tokens)
-            row = len(rows) - 1
+        row = totals.index(min(totals))
         rows[row].append(i)
-        room[row] -= lengths[i]
+        totals[row] += lengths[i]
     return rows
 
 

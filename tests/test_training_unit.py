@@ -124,14 +124,16 @@ def test_collator_pad_to_fixed_length():
     assert batch["input_ids"][1, -2:].tolist() == [8, ANSWERS[1]]
 
 
-def test_pack_rows_first_fit_decreasing():
-    lengths = [300, 120, 500, 80, 200, 260, 40]
+def test_pack_rows_balances_rows():
+    lengths = [300, 120, 500, 80, 200, 260, 40]  # 1,500 tokens -> 3 rows of 512
     rows = pack_rows(lengths, 512)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
-    # Longest first, each into the first row with room: 500 | 300, then 260 opens a row, 200 joins 300, ...
-    assert rows == [[2], [0, 4], [5, 1, 3, 6]]
+    # Longest first, each into the row with the fewest tokens: 500 | 300 | 260, then 200 beside 260, 120 and 80
+    # beside 300, 40 beside 460: three rows of 500 tokens, so padding to the longest row wastes nothing.
+    assert rows == [[2], [0, 1, 3], [5, 4, 6]]
+    assert [sum(lengths[i] for i in row) for row in rows] == [500, 500, 500]
     assert pack_rows([512, 512], 512) == [[0], [1]]
+    assert pack_rows([5, 5, 5], 512) == [[0, 1, 2]]
 
 
 def test_collator_packs_reviews_end_to_end():
@@ -140,17 +142,19 @@ def test_collator_packs_reviews_end_to_end():
     )
     assert "attention_mask" not in batch  # the position ids tell transformers where each review starts
     assert batch["use_cache"] is False  # transformers looks for packed sequences only without a KV cache
+    # 10 + 4 + 3 = 17 tokens -> 2 rows: the 10-token review alone, the 4- and 3-token ones together; rows are
+    # padded to the longest, rounded up to a multiple of 8.
     assert batch["input_ids"].tolist() == [
-        [11, 12, 13, 14, 15, 16, 17, 18, 19, ANSWERS[0], 21, 22, 23, ANSWERS[1], PAD, PAD],
-        [31, 32, ANSWERS[1], PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
-    ]  # rows are rounded up to a multiple of 8: the longest row holds 14 tokens
+        [11, 12, 13, 14, 15, 16, 17, 18, 19, ANSWERS[0], PAD, PAD, PAD, PAD, PAD, PAD],
+        [21, 22, 23, ANSWERS[1], 31, 32, ANSWERS[1], PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
+    ]
     assert batch["position_ids"].tolist() == [
-        [*range(10), *range(4), 0, 1],
-        [*range(3), *range(13)],  # the padding counts as a sequence of its own
+        [*range(10), *range(6)],  # the padding counts as a sequence of its own
+        [*range(4), *range(3), *range(9)],
     ]
     answers = (batch["labels"] != IGNORE).nonzero().tolist()
-    assert answers == [[0, 9], [0, 13], [1, 2]]
-    assert batch["logits_to_keep"].tolist() == [1, 8, 12]
+    assert answers == [[0, 9], [1, 3], [1, 6]]
+    assert batch["logits_to_keep"].tolist() == [2, 5, 8]
 
 
 @pytest.mark.parametrize("row", [16, 64, 512])
@@ -265,9 +269,9 @@ def test_step_token_counts(params):
         data=dataclasses.replace(params.data, max_length=32),
         train=dataclasses.replace(train, padding="packed", pack_tokens=32),
     )
-    # Rows of up to 32 tokens, each rounded up to a multiple of 8 (the answer adds one token per review).
-    # Step 1: [11, 4] -> one row of 15 -> 16; [8, 21] -> one row of 29 -> 32. Step 2: [16, 2] -> 24; [9, 10] -> 24.
-    # Step 3: [31, 3] -> two rows, the longest 31 -> 2 x 32; [5, 7] -> 16.
+    # ceil(tokens / 32) rows, padded to the longest, rounded up to a multiple of 8 (the answer adds one token per
+    # review). Step 1: [11, 4] -> one row of 15 -> 16; [8, 21] -> one row of 29 -> 32. Step 2: [16, 2] -> 24;
+    # [9, 10] -> 24. Step 3: [31, 3] -> 34 tokens, two rows, the longest 31 -> 2 x 32; [5, 7] -> 16.
     assert step_token_counts(lengths, order, packed)[1].tolist() == [16 + 32, 24 + 24, 64 + 16]
 
 
