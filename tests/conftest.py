@@ -44,25 +44,31 @@ def params() -> Params:
     return load_params(REPO / "params.yaml")
 
 
+def tiny_llama_config(**fields: Any) -> Any:
+    """A Llama config small enough for CPU: vocabulary 300, 2 layers of width 32, 4 heads; `fields` override."""
+    from transformers import LlamaConfig
+
+    tiny = {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "pad_token_id": 0,
+    }
+    return LlamaConfig(**(tiny | fields))
+
+
 @pytest.fixture(scope="session", params=["sdpa", "eager"])
 def tiny_model(request):
     """A seeded random Llama small enough for CPU (vocabulary 300, 2 layers of width 32), in float32, eval mode;
     once per attention kernel, since padding is handled by each kernel's own masking."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=0,
-        attn_implementation=request.param,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(attn_implementation=request.param)).eval()
 
 
 @pytest.fixture(scope="session")

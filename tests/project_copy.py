@@ -35,9 +35,8 @@ class StageRun:
     """stdout + stderr of every stage run, in order."""
 
 
-def make_copy(base: Path, overrides: dict[str, Any], models: tuple[str, ...] = ("llama",)) -> Path:
-    """base/project: the tracked and untracked files of the working tree except OUTPUTS, base/shared -> ../shared,
-    and params.yaml = params.yaml + profiles/demo.yaml + `overrides` (dotted names), keeping only `models`."""
+def copy_sources(base: Path) -> Path:
+    """base/project: the tracked and untracked files of the working tree except OUTPUTS; base/shared -> ../shared."""
     repo = base / "project"
     (base / "shared").symlink_to(SHARED)
     files = subprocess.run(
@@ -47,6 +46,13 @@ def make_copy(base: Path, overrides: dict[str, Any], models: tuple[str, ...] = (
         if (ROOT / name).is_file() and not name.startswith(OUTPUTS):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
+    return repo
+
+
+def make_copy(base: Path, overrides: dict[str, Any], models: tuple[str, ...] = ("llama",)) -> Path:
+    """base/project: the tracked and untracked files of the working tree except OUTPUTS, base/shared -> ../shared,
+    and params.yaml = params.yaml + profiles/demo.yaml + `overrides` (dotted names), keeping only `models`."""
+    repo = copy_sources(base)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     demo = flatten(raw, yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text()))
     merged = apply(raw, demo | overrides)

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_llama_config
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import LlamaForCausalLM, Trainer
 
 from duel.modeling import switch_on_checkpointing
 from duel.params import Params
@@ -31,16 +32,7 @@ STEPS, BATCH = 4, 8
 
 def tiny_lora() -> Any:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=0,
-        use_cache=False,
-    )
+    config = tiny_llama_config(use_cache=False)
     base = LlamaForCausalLM(config)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return get_peft_model(base, lora)

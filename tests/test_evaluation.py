@@ -108,22 +108,15 @@ def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path
     the weights; bitsandbytes' CPU kernels round a little differently from a plain fp32 product)."""
     import dataclasses
 
+    from conftest import tiny_llama_config
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from duel.io import write_json
     from duel.modeling import dequantized, load_adapter_for_inference, load_base_model, merged_adapter
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=PAD,
-    )
+    config = tiny_llama_config(hidden_size=64, intermediate_size=128)
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     LlamaForCausalLM(config).save_pretrained(base_dir)
     write_json(base_dir / "model.json", {"path": str(base_dir)})
