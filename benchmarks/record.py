@@ -81,6 +81,9 @@ CALLS = {
 }
 
 
+UNDESCRIBED = "The runner's command line is the first line (kind call) of the folder's results.jsonl."
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One measured configuration of one device call."""
@@ -181,8 +184,8 @@ def baseline_records(rows: list[dict[str, Any]], model: str, common: dict[str, A
 
 
 def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], common: dict[str, Any]) -> Record:
-    if tag not in ("default", "budget", "paper"):
-        raise ValueError(f"finetune tag {tag!r}: record.py knows default, budget and paper")
+    if tag not in ("default", "budget", "paper", "oom"):
+        raise ValueError(f"finetune tag {tag!r}: record.py knows default, budget, paper and oom")
     quantized = [b for b in baselines if b.quantization == "nf4-dq"]
     best = max(b.reviews_per_s for b in quantized)
     same = [
@@ -204,7 +207,13 @@ def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], comm
         **common,
         stage="finetune",
         model=raw["model"],
-        recipe="paper" if tag == "paper" else "default" if budget is None else f"default-{budget:g}gib",
+        recipe="paper"
+        if tag == "paper"
+        else f"oom-backoff-{budget:g}gib"
+        if tag == "oom"
+        else "default"
+        if budget is None
+        else f"default-{budget:g}gib",
         quantization=raw["quantization"] or "none",
         memory_budget_gib=budget,
         gradient_checkpointing=checkpointing,
@@ -317,7 +326,8 @@ def session1_records(raw: Path, common: dict[str, Any]) -> list[Record]:
 
 def results_records(folder: Path, common: dict[str, Any]) -> list[Record]:
     """results.jsonl and log.txt of benchmarks/run_device.py, per model in the order the runner wrote them."""
-    results = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    lines_read = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    results = [r for r in lines_read if r["kind"] != "call"]  # the runner's command line
     records: list[Record] = []
     for model in sorted({r["model"] for r in results}):
         lines = [r for r in results if r["model"] == model]
@@ -769,7 +779,7 @@ def run_section(call: list[Record]) -> str:
     first = call[0]
     models = list(dict.fromkeys(r.model for r in call))
     versions = ", ".join(f"{k} {v}" for k, v in first.versions.items())
-    parts = [f"## Run `{first.run}`: {first.date}, {first.gpu}\n\n{CALLS[first.run]}\n\n{versions}.\n"]
+    parts = [f"## Run `{first.run}`: {first.date}, {first.gpu}\n\n{CALLS.get(first.run, UNDESCRIBED)}\n\n{versions}.\n"]
     logged = [
         f"- {model}: " + ", ".join(f"{tag} {s}" for tag, s in stages.items()) + f" s (sum {sum(stages.values()):.1f} s)"
         for model in models

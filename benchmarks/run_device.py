@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--gpu-tests", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if args.parallel and len(args.keys) > 1:
         run_in_parallel(args.keys)
         return
