@@ -4,7 +4,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
 
     python3 benchmarks/run_device.py llama deepseek [--budget-gib 16] [--budget-steps 30] [--oom-gib 8]
                                                     [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
-                                                    [--parallel] [--gpu-tests]
+                                                    [--parallel] [--gpu-tests] [--profile]
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs.
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--no-default", action="store_true", help="skip the default 200-step fine-tune")
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--gpu-tests", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="benchmarks/profile_step.py after tokenize")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -125,6 +126,8 @@ def main() -> None:
             baseline(key, 16, 1, 4)
         write_params(key, profiles, data=data)
         timings = {name: stage(name, tag=f"{name}_{key}") for name in ("download", "tokenize")}
+        if args.profile:
+            call([sys.executable, "benchmarks/profile_step.py", key], f"profile_{key}")
         if not args.no_default:
             timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
             emit("finetune", key, "default", json.loads(Path(f"metrics/finetune_{key}.json").read_text()))
