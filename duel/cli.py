@@ -6,12 +6,13 @@ import sys
 from collections.abc import Callable
 
 from duel.data import DataError
+from duel.evaluation import EvaluationError
 from duel.modeling import ModelError
 from duel.params import ParamsError
 from duel.prompts import PromptError
 from duel.training import TrainingError
 
-USER_ERRORS = (ParamsError, DataError, ModelError, PromptError, TrainingError)
+USER_ERRORS = (ParamsError, DataError, ModelError, PromptError, TrainingError, EvaluationError)
 
 
 def run(main: Callable[[], None]) -> None:

@@ -11,14 +11,26 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from tqdm.auto import tqdm
 
 
+class EvaluationError(RuntimeError):
+    """Scoring cannot go on; the message says what to change."""
+
+
 @torch.inference_mode()
 def label_logits(
-    model: Any, frame: pd.DataFrame, answer_ids: tuple[int, int], pad_id: int, batch_size: int, desc: str
+    model: Any,
+    frame: pd.DataFrame,
+    answer_ids: tuple[int, int],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    stats: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Logits of [negative, positive] at the last prompt position, one row per review, in frame order.
 
     Reviews are scored in length-sorted batches (little padding), left-padded so the answer position is the last
-    one for every row, and only that position's logits are computed (logits_to_keep=1).
+    one for every row, and only that position's logits are computed (logits_to_keep=1). On a CUDA out-of-memory
+    error the batch is halved and scoring goes on; `stats`, when given, gets the batch size it ended with and how
+    many times it was halved.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -26,23 +38,47 @@ def label_logits(
     order = np.argsort([-len(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), 2), dtype=np.float32)
     columns = torch.tensor(answer_ids, device=device)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        rows = order[start : start + batch_size]
-        width = max(len(ids[r]) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(ids[r]) :] = torch.tensor(ids[r])
-            mask[i, width - len(ids[r]) :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            logits_to_keep=1,
-        ).logits[:, -1, :]
-        out[rows] = logits.index_select(1, columns).float().cpu().numpy()
+    start, retries = 0, 0
+    with tqdm(total=len(order), desc=desc, unit="review") as bar:
+        while start < len(order):
+            rows = order[start : start + batch_size]
+            try:
+                logits = _answer_logits(model, [ids[r] for r in rows], pad_id, device)
+            except torch.OutOfMemoryError:
+                logits = None  # handled below, once the traceback (and the activations it holds) is released
+            if logits is None:
+                if batch_size == 1:
+                    raise EvaluationError(
+                        "evaluate: out of GPU memory at batch size 1; set eval.merge_adapter: false (keeps the base "
+                        "in 4 bits) or lower data.max_length"
+                    )
+                batch_size, retries = batch_size // 2, retries + 1
+                print(f"evaluate: out of GPU memory; going on with eval batches of {batch_size}")
+                torch.cuda.empty_cache()
+                continue
+            out[rows] = logits.index_select(1, columns).float().cpu().numpy()
+            start += len(rows)
+            bar.update(len(rows))
+    if stats is not None:
+        stats |= {"batch_size": batch_size, "oom_retries": retries}
     return out
+
+
+def _answer_logits(model: Any, prompts: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=1,
+        use_cache=False,
+    ).logits[:, -1, :]
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, Any]:

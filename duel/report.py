@@ -67,13 +67,19 @@ def quality_table(evaluate: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 
 def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
     rows = [
-        "| model | device | steps | train time s | reviews/s | tokens/s (real) | padding share | "
+        "| model | device | steps | how | train time s | reviews/s | tokens/s (real) | padding share | "
         "peak VRAM alloc GiB | peak VRAM reserved GiB | NVML peak GiB | GPU util % | energy J | paper |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, m in finetune.items():
+        how = f"micro-batch {m['micro_batch']} x {m['grad_accum']}, {m.get('padding', 'n/a')}, checkpointing " + (
+            "on" if m.get("gradient_checkpointing") else "off"
+        )
+        if m.get("oom_retries"):
+            how += f", {m['oom_retries']} OOM back-off(s)"
         rows.append(
-            f"| {key} | {m['device']} | {m['steps']} | {fmt(m['train_time_s'], 1)} | {fmt(m['reviews_per_s'], 2)} | "
+            f"| {key} | {m['device']} | {m['steps']} | {how} | {fmt(m['train_time_s'], 1)} | "
+            f"{fmt(m['reviews_per_s'], 2)} | "
             f"{fmt(m['tokens_per_s'], 0)} | {fmt(m['padding_share'], 2)} | {fmt(m['peak_vram_allocated_gib'], 2)} | "
             f"{fmt(m['peak_vram_reserved_gib'], 2)} | {fmt(m['nvml_peak_gib'], 2)} | "
             f"{fmt(m['gpu_util_mean_pct'], 0)} | "

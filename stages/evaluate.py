@@ -35,10 +35,15 @@ from duel.telemetry import GpuSampler, Stopwatch, torch_memory
 def score(model: Any, test: pd.DataFrame, answer_ids: tuple[int, int], pad_id: int, batch: int, desc: str) -> tuple:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    sampler, watch = GpuSampler().start(), Stopwatch()
-    logits = label_logits(model, test, answer_ids, pad_id, batch, desc)
+    sampler, watch, stats = GpuSampler().start(), Stopwatch(), {}
+    logits = label_logits(model, test, answer_ids, pad_id, batch, desc, stats)
     seconds = watch.elapsed_s()
-    timing = {"eval_time_s": round(seconds, 2), "reviews_per_s": round(len(test) / seconds, 2)}
+    timing = {
+        "eval_time_s": round(seconds, 2),
+        "reviews_per_s": round(len(test) / seconds, 2),
+        "eval_batch_size": stats["batch_size"],
+        "eval_oom_retries": stats["oom_retries"],
+    }
     return logits, timing | sampler.stop() | torch_memory()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from duel.evaluation import classification_metrics, label_logits, predictions_frame
@@ -144,3 +145,40 @@ def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path
     assert effect > 0.1  # the adapter matters ...
     np.testing.assert_allclose(merged, beside, atol=1e-5)  # ... merging it changes nothing ...
     assert np.abs(beside - beside_4bit).max() < 0.05 * effect  # ... nor does dequantizing, beyond kernel rounding
+
+
+class OomAbove:
+    """A forward pre-hook raising torch.OutOfMemoryError for batches of more than `fits` reviews."""
+
+    def __init__(self, fits: int) -> None:
+        self.fits, self.calls = fits, 0
+
+    def __call__(self, module, args, kwargs) -> None:
+        self.calls += 1
+        if kwargs["input_ids"].shape[0] > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_scoring_halves_the_batch_on_oom(tiny_model):
+    frame = pd.DataFrame({"input_ids": [[5 + i] * (3 + i) for i in range(10)], "label": 0})
+    reference = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=8, desc="test")
+    hook = tiny_model.register_forward_pre_hook(OomAbove(fits=2), with_kwargs=True)
+    try:
+        stats: dict[str, int] = {}
+        logits = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=8, desc="test", stats=stats)
+    finally:
+        hook.remove()
+    assert stats == {"batch_size": 2, "oom_retries": 2}  # 8 -> 4 -> 2
+    np.testing.assert_allclose(logits, reference, atol=1e-5)
+
+
+def test_scoring_oom_at_batch_one_says_what_to_change(tiny_model):
+    from duel.evaluation import EvaluationError
+
+    frame = pd.DataFrame({"input_ids": [[5, 6, 7]], "label": 0})
+    hook = tiny_model.register_forward_pre_hook(OomAbove(fits=0), with_kwargs=True)
+    try:
+        with pytest.raises(EvaluationError, match=r"batch size 1; set eval\.merge_adapter: false"):
+            label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=4, desc="test")
+    finally:
+        hook.remove()
