@@ -102,10 +102,7 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
                 if not hasattr(config, field):
                     raise ModelError(f"models.{key}.overrides.{field}: not a field of {type(config).__name__}")
                 setattr(config, field, value)
-            torch.manual_seed(seed)
-            # Built on the GPU where there is one: initialising 7B weights on a CPU takes minutes.
-            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-                built = AutoModelForCausalLM.from_config(config, dtype=DTYPES["bfloat16"])
+            built = _random_model(config, seed)
             built.save_pretrained(tmp, safe_serialization=True)
             info = {
                 "source": "random",
@@ -136,6 +133,22 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
         }
         write_json(tmp / "model.json", info)
     return info
+
+
+def _random_model(config: Any, seed: int) -> PreTrainedModel:
+    """Seeded random bf16 weights, built on the GPU where they fit (initialising 7B weights on a CPU takes minutes;
+    in bf16 they take 13.5 GB, more than some GPUs have), else on the CPU. The seed fixes the weights for a given
+    device kind; a GPU build and a CPU build differ."""
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+        try:
+            with torch.device("cuda"):
+                return AutoModelForCausalLM.from_config(config, dtype=DTYPES["bfloat16"])
+        except torch.OutOfMemoryError:
+            print("download: the random weights do not fit on the GPU; building them on the CPU (slower)")
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES["bfloat16"])
 
 
 def _snapshot(repo_id: str, revision: str, trust_remote_code: bool, snapshot_download: Any) -> str:
