@@ -4,10 +4,14 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
 
     python3 benchmarks/run_device.py llama deepseek [--budget-gib 16] [--budget-steps 30] [--oom-gib 8]
                                                     [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
-                                                    [--parallel] [--gpu-tests] [--profile]
+                                                    [--parallel] [--gpu-tests] [--profile-step]
+                                                    [--baseline-last] [--no-default] [--test-size N]
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
-project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs.
+project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
+--baseline-last runs the baseline after the duel's stages (a per-GPU chain of download, tokenize, 200 steps and
+25,000 reviews then fits a 10-minute call); --no-default leaves the 200-step fine-tune out (the budget run's adapter
+is then the one scored); --test-size N scores N test reviews; --profile-step profiles a few training steps.
 
 Per model: the baseline's best configuration (micro-batch 16, nf4 + double quant, checkpointing), run by importing
 ../shared/bench/hf_qlora_baseline.py (carried in .carry/); then the paper-scale duel through the stages in order
@@ -96,6 +100,11 @@ def finetune(key: str, tag: str) -> None:
         emit("finetune", key, tag, json.loads(Path(f"metrics/finetune_{key}.json").read_text()) | {"stage_s": seconds})
 
 
+def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argparse.Namespace) -> None:
+    write_params(key, profiles, data=data, train={"memory_budget_gib": args.budget_gib, "steps": args.budget_steps})
+    finetune(key, "budget")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("keys", nargs="+", choices=list(ARCH))
@@ -106,9 +115,10 @@ def main() -> None:
     parser.add_argument("--paper-steps", type=int, default=0)
     parser.add_argument("--test-size", type=int, default=0, help="fewer test reviews than the profile's")
     parser.add_argument("--no-default", action="store_true", help="skip the default 200-step fine-tune")
+    parser.add_argument("--baseline-last", action="store_true", help="the baseline after the duel's stages")
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--gpu-tests", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="benchmarks/profile_step.py after tokenize")
+    parser.add_argument("--profile-step", action="store_true", help="benchmarks/profile_step.py after tokenize")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -121,25 +131,26 @@ def main() -> None:
 
     data = {"test_size": args.test_size} if args.test_size else {}
 
+    baseline_last = args.baseline_last or args.no_default
     for key in args.keys:
-        if not args.no_default:
+        if not baseline_last:
             baseline(key, 16, 1, 4)
         write_params(key, profiles, data=data)
         timings = {name: stage(name, tag=f"{name}_{key}") for name in ("download", "tokenize")}
-        if args.profile:
+        if args.profile_step:
             call([sys.executable, "benchmarks/profile_step.py", key], f"profile_{key}")
         if not args.no_default:
             timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
             emit("finetune", key, "default", json.loads(Path(f"metrics/finetune_{key}.json").read_text()))
-        if args.budget_gib:
-            budget = {"memory_budget_gib": args.budget_gib, "steps": args.budget_steps}
-            write_params(key, profiles, data=data, train=budget)
-            finetune(key, "budget")
+        if args.budget_gib and args.no_default:  # its adapter is the one evaluate scores
+            budget_run(key, profiles, data, args)
         timings["evaluate"] = stage("evaluate", tag=f"evaluate_{key}")
         emit("evaluate", key, "default", json.loads(Path("metrics/evaluate.json").read_text()))
         emit("timings", key, "duel", timings | {"duel_wall_s": round(sum(timings.values()), 1)})
-        if args.no_default:
+        if baseline_last:
             baseline(key, 16, 1, 4)
+        if args.budget_gib and not args.no_default:
+            budget_run(key, profiles, data, args)
         if args.oom_gib:
             small = {"memory_budget_gib": args.oom_gib, "steps": 4, "gradient_checkpointing": False}
             write_params(key, profiles, data=data, train=small)

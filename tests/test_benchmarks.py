@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from project_copy import copy_sources, stage_env
 
 spec = importlib.util.spec_from_file_location("record", REPO / "benchmarks" / "record.py")
 record = importlib.util.module_from_spec(spec)
@@ -158,3 +161,30 @@ def test_failed_stage_is_refused(tmp_path: Path) -> None:
     assert record.logged_stages(log, "deepseek") == {}
     with pytest.raises(ValueError, match="finetune_llama_default exited 1"):
         record.logged_stages(log, "llama")
+
+
+@pytest.mark.slow
+def test_device_runner_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/run_device.py end to end on CPU with the demo's tiny models (the GPU machine is the only other
+    place it runs): every stage result lands in results.jsonl as it is made; the baseline, which needs CUDA, adds
+    nothing here."""
+    repo = copy_sources(tmp_path)
+    env = stage_env({"OUT": str(tmp_path / "out")})
+    args = ["llama", "--profile", "profiles/demo.yaml", "--baseline-last", "--budget-gib", "16", "--budget-steps", "4"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run_device.py", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["tag"]) for r in lines] == [
+        ("call", "argv"),
+        ("finetune", "default"),
+        ("evaluate", "default"),
+        ("timings", "duel"),
+        ("finetune", "budget"),
+    ]
+    default, budget = lines[1]["data"], lines[4]["data"]
+    assert default["steps"] == 20 and budget["steps"] == 4 and budget["memory_budget_gib"] == 16
+    assert set(lines[3]["data"]) == {"download", "tokenize", "finetune", "evaluate", "duel_wall_s"}
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "==== finetune_llama_default: exit 0" in log and "==== baseline_llama: exit" in log
