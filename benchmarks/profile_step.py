@@ -79,7 +79,7 @@ def main() -> None:
     summary = (
         f"profile {args.key}: {seconds:.3f} s per optimizer step ({train.batch_size / seconds:.2f} reviews/s, "
         f"profiler overhead included), micro-batch {train.micro_batch}, padding {train.padding}, "
-        f"checkpointing {getattr(model, 'is_gradient_checkpointing', False)}, attention {attention}\n"
+        f"checkpointing {model.is_gradient_checkpointing}, attention {attention}\n"
     )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"profile_{args.key}.txt").write_text(summary + table)

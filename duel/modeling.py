@@ -249,7 +249,7 @@ def checkpointing_wanted(params: Params) -> bool:
 
 def switch_on_checkpointing(model: Any) -> bool:
     """Turn gradient checkpointing on in a model being trained; False if it was on already."""
-    if getattr(model, "is_gradient_checkpointing", False):
+    if model.is_gradient_checkpointing:
         return False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return True
@@ -269,11 +269,9 @@ def merge_wanted(params: Params) -> bool:
     return torch.cuda.get_device_properties(0).total_memory / 2**30 >= MERGE_FROM_GIB
 
 
-def dequantized(base: PreTrainedModel) -> PreTrainedModel:
+def dequantized(base: PreTrainedModel, quantized: bool) -> PreTrainedModel:
     """The 4-bit base as plain linear layers in its compute dtype (transformers' own dequantize), in eval mode."""
-    if getattr(base, "hf_quantizer", None) is not None:
-        base = base.dequantize()
-    return base.eval()
+    return (base.dequantize() if quantized else base).eval()
 
 
 def merged_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:

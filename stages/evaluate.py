@@ -62,7 +62,7 @@ def main() -> None:
             model = load_base_model(base, model_params, params, attention)
             merge = merge_wanted(params)
             if merge:
-                model = dequantized(model)
+                model = dequantized(model, params.quantization.enabled)
             scored = {}
             if params.eval.zero_shot:  # the base model alone, before the adapter joins it
                 scored["zero_shot"] = score(model, test, answer_ids, pad_id, params.eval.batch_size, f"{key} zero-shot")

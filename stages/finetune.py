@@ -139,7 +139,7 @@ def main() -> None:
         if params.quantization.enabled
         else "none",
         "padding": params.train.padding,
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": model.is_gradient_checkpointing,
         "memory_budget_gib": params.train.memory_budget_gib,
         "micro_batch": run.micro_batch,
         "grad_accum": params.train.batch_size // run.micro_batch,

@@ -135,11 +135,11 @@ def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path
     def scores(model) -> np.ndarray:
         return label_logits(model, frame, ANSWERS, PAD, batch_size=2, desc="test")
 
-    plain = dequantized(base_4bit())
+    plain = dequantized(base_4bit(), quantized=True)
     assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # no 4-bit layer left
     zero_shot = scores(plain)
     merged = scores(merged_adapter(plain, adapter_dir))
-    beside = scores(load_adapter_for_inference(dequantized(base_4bit()), adapter_dir))
+    beside = scores(load_adapter_for_inference(dequantized(base_4bit(), quantized=True), adapter_dir))
     beside_4bit = scores(load_adapter_for_inference(base_4bit(), adapter_dir))
     effect = np.abs(beside - zero_shot).max()
     assert effect > 0.1  # the adapter matters ...
