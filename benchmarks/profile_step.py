@@ -37,8 +37,7 @@ def main() -> None:
     frame = pd.read_parquet(tokens / "train.parquet")
     order = training_order(frame["n_tokens"].to_numpy(), train.steps, train.batch_size, params.seed)
     dataset = ReviewDataset(frame.iloc[order], tuple(read_json(tokens / "verbalizer.json")["token_ids"]))
-    row_tokens = train.pack_tokens if train.padding == "packed" else params.data.max_length
-    collate = AnswerCollator(load_tokenizer(base).pad_token_id, train.padding, row_tokens)
+    collate = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
 
     attention = attention_implementation(train.attention)
     model = add_lora(load_base_model(base, params.model(args.key), params, attention), params.model(args.key), params)

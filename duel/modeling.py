@@ -231,6 +231,11 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params) -> Any:
     return get_peft_model(base, lora)
 
 
+def gpu_memory_gib() -> float | None:
+    """The GPU's memory in GiB (the process's first CUDA device), or None on a machine without one."""
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
 AUTO_CHECKPOINTING_BELOW_GIB = 80.0
 
 
@@ -241,10 +246,10 @@ def checkpointing_wanted(params: Params) -> bool:
     wanted = params.train.gradient_checkpointing
     if wanted != "auto":
         return bool(wanted)
-    if not torch.cuda.is_available():
+    total = gpu_memory_gib()
+    if total is None:
         return True
-    usable = params.train.memory_budget_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
-    return usable < AUTO_CHECKPOINTING_BELOW_GIB
+    return (params.train.memory_budget_gib or total) < AUTO_CHECKPOINTING_BELOW_GIB
 
 
 def switch_on_checkpointing(model: Any) -> bool:
@@ -264,9 +269,8 @@ def merge_wanted(params: Params) -> bool:
     wanted = params.eval.merge_adapter
     if wanted != "auto":
         return bool(wanted)
-    if not torch.cuda.is_available():
-        return True
-    return torch.cuda.get_device_properties(0).total_memory / 2**30 >= MERGE_FROM_GIB
+    total = gpu_memory_gib()
+    return total is None or total >= MERGE_FROM_GIB
 
 
 def dequantized(base: PreTrainedModel, quantized: bool) -> PreTrainedModel:

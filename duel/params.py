@@ -113,7 +113,7 @@ class TrainParams:
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"]
     """auto: flash_attention_2 when installed, else sdpa. The one used is recorded."""
     padding: Literal["packed", "longest", "max_length"]
-    """packed: lay a micro-batch's reviews end to end in rows of up to pack_tokens tokens, each review attending to
+    """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
     itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every
     review to data.max_length (paper)."""
     pack_tokens: int

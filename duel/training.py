@@ -83,15 +83,22 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 class AnswerCollator:
     """Batches of prompt + answer with labels -100 except at the answer token (the causal-LM convention).
 
-    padding "packed": the reviews are laid end to end in rows of up to `row_tokens`; position ids restart at 0 for
-    each, and without an attention mask transformers lets each attend to itself only (its packed-sequence masks for
-    SDPA and eager, variable-length kernels for Flash Attention 2), so no padding is computed. "longest" and
-    "max_length" left-pad one review per row to the longest in the batch or to `row_tokens`.
+    padding "packed": the reviews are laid end to end in ceil(tokens / `row_tokens`) rows of about equal length
+    (pack_rows); position ids restart at 0 for each, and without an attention mask transformers lets each attend to
+    itself only (its packed-sequence masks for SDPA and eager, variable-length kernels for Flash Attention 2), so no
+    padding is computed. "longest" and "max_length" left-pad one review per row to the longest in the batch or to
+    `row_tokens`.
     """
 
     pad_id: int
     padding: str
     row_tokens: int
+
+    @classmethod
+    def from_params(cls, pad_id: int, params: Params) -> AnswerCollator:
+        """train.padding with its row length: pack_tokens when packed, else data.max_length."""
+        packed = params.train.padding == "packed"
+        return cls(pad_id, params.train.padding, params.train.pack_tokens if packed else params.data.max_length)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [f["input_ids"] + [f["answer_id"]] for f in features]

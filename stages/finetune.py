@@ -26,6 +26,7 @@ from duel.io import atomic_dir, read_json, write_json
 from duel.modeling import (
     add_lora,
     attention_implementation,
+    gpu_memory_gib,
     load_base_model,
     load_tokenizer,
     switch_on_checkpointing,
@@ -54,9 +55,9 @@ def main() -> None:
     set_seed(params.seed)
     base, tokens = Path("models/base") / key, Path("data/tokenized") / key
     checkpoints, adapter_dir = Path("checkpoints") / key, Path("models/adapters") / key
-    if params.train.memory_budget_gib and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, params.train.memory_budget_gib / total))
+    total_gib = gpu_memory_gib()
+    if params.train.memory_budget_gib and total_gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, params.train.memory_budget_gib / total_gib))
 
     train = pd.read_parquet(tokens / "train.parquet")
     answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
@@ -76,8 +77,7 @@ def main() -> None:
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
     live = Live(str(Path("plots") / key), dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
-    row_tokens = params.train.pack_tokens if params.train.padding == "packed" else params.data.max_length
-    collator = AnswerCollator(tokenizer.pad_token_id, params.train.padding, row_tokens)
+    collator = AnswerCollator.from_params(tokenizer.pad_token_id, params)
     token_counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def build(micro_batch: int) -> Trainer:
