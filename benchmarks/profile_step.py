@@ -3,19 +3,26 @@
 first, e.g. through benchmarks/run_device.py). Prints the kernels that took most device time and the share of time
 per phase (forward, backward, optimizer), and writes the same to $OUT/profile_<key>.txt.
 
-    python3 benchmarks/profile_step.py llama [--steps 3] [--warmup 2]
+Then a sweep of how the same steps are executed (what is learned does not change): row length of the packing,
+micro-batch split, gradient checkpointing on all, half or none of the layers. For each: seconds per step, reviews/s,
+real tokens/s and peak torch memory, appended to $OUT/results.jsonl as kind "sweep" (one line per variant).
+
+    python3 benchmarks/profile_step.py llama [--steps 3] [--warmup 2] [--sweep-steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from duel.io import read_json
 from duel.modeling import add_lora, attention_implementation, load_base_model, load_tokenizer
@@ -30,6 +37,7 @@ def main() -> None:
     parser.add_argument("key")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--sweep-steps", type=int, default=4, help="0 skips the sweep")
     args = parser.parse_args()
     params = load_params()
     train = params.train
@@ -47,10 +55,12 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
     cuda = device.type == "cuda"
 
-    def step(index: int) -> None:
+    def step(index: int, micro_batch: int = train.micro_batch, collate: AnswerCollator = collate) -> int:
+        """One optimizer step on the index-th batch (from the start again after the last); returns its real tokens."""
+        index %= len(dataset) // train.batch_size
         features = [dataset[i] for i in range(index * train.batch_size, (index + 1) * train.batch_size)]
-        for start in range(0, train.batch_size, train.micro_batch):
-            batch = collate(features[start : start + train.micro_batch])
+        for start in range(0, train.batch_size, micro_batch):
+            batch = collate(features[start : start + micro_batch])
             labels = batch.pop("labels").to(device)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with record_function("forward"), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -60,6 +70,7 @@ def main() -> None:
         with record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        return sum(len(f["input_ids"]) + 1 for f in features)
 
     for i in range(args.warmup):
         step(i)
@@ -83,6 +94,77 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"profile_{args.key}.txt").write_text(summary + table)
     print(summary + table)
+    if args.sweep_steps:
+        sweep(args.key, model, step, collate, args.warmup + args.steps, args.sweep_steps, train.batch_size)
+
+
+def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
+    """Gradient checkpointing on the first `count` decoder layers, off on the rest."""
+    if count:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    for i, layer in enumerate(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
+        layer.gradient_checkpointing = i < count
+
+
+def sweep(
+    key: str,
+    model: torch.nn.Module,
+    step: Callable[..., int],
+    collate: AnswerCollator,
+    first: int,
+    steps: int,
+    batch: int,
+) -> None:
+    """Seconds per step and peak memory (on CUDA) for execution variants, one warm-up step each."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+    variants = [  # (name, row tokens, micro-batch, checkpointed layers)
+        ("default", collate.row_tokens, batch, 0),
+        ("rows-1024", 1024, batch, 0),
+        ("rows-4096", 4096, batch, 0),
+        ("mb8", collate.row_tokens, 8, 0),
+        ("mb4", collate.row_tokens, 4, 0),
+        ("ckpt-all", collate.row_tokens, batch, layers),
+        ("ckpt-half", collate.row_tokens, batch, layers // 2),
+        ("ckpt-quarter", collate.row_tokens, batch, layers // 4),
+        ("ckpt-all-mb8", collate.row_tokens, 8, layers),
+    ]
+    for name, rows, micro_batch, checkpointed in variants:
+        set_checkpointed_layers(model, checkpointed)
+        variant = AnswerCollator(collate.pad_id, collate.padding, rows)
+        try:
+            step(first, micro_batch, variant)  # warm-up: allocator and kernel choice for the new shapes
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            tokens = sum(step(first + 1 + i, micro_batch, variant) for i in range(steps))
+            sync()
+            seconds = (time.perf_counter() - start) / steps
+            row = {
+                "variant": name,
+                "row_tokens": rows,
+                "micro_batch": micro_batch,
+                "checkpointed_layers": checkpointed,
+                "layers": layers,
+                "s_per_step": round(seconds, 4),
+                "reviews_per_s": round(batch / seconds, 2),
+                "tokens_per_s": round(tokens / steps / seconds, 1),
+            }
+            if cuda:
+                row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        except torch.OutOfMemoryError as error:
+            row = {"variant": name, "error": str(error).splitlines()[0][:200]}
+        first += steps + 1
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"sweep {key}: {row}", flush=True)
+        with (OUT / "results.jsonl").open("a") as f:
+            f.write(json.dumps({"kind": "sweep", "model": key, "tag": name, "data": row}) + "\n")
 
 
 if __name__ == "__main__":

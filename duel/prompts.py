@@ -42,8 +42,9 @@ def build_prompts(
 ) -> tuple[list[list[int]], np.ndarray]:
     """Token ids of each prompt (with BOS, without the answer), at most max_length - 1 long so the answer fits.
 
-    A review too long is cut at a token boundary of the review alone, then the template is put around it; the
-    template's own tokens are never cut. Returns the ids and which reviews were cut.
+    Each prompt is tokenized whole once; only a prompt too long is cut: its review at a token boundary of the review
+    alone, then the template put around it again (the template's own tokens are never cut). Returns the ids and which
+    reviews were cut.
     """
     budget = params.max_length - 1  # one position for the answer token
     overhead = len(tokenizer(params.prompt.format(review=""), add_special_tokens=True).input_ids)
@@ -52,24 +53,24 @@ def build_prompts(
             f"data.max_length: {params.max_length} leaves no room for the review after the {overhead}-token prompt; "
             "raise it or shorten data.prompt"
         )
-    reviews = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: ids without building a Python dict per review
+    ids = [e.ids for e in backend.encode_batch([params.prompt.format(review=t) for t in texts])]
+    long = [i for i, row in enumerate(ids) if len(row) > budget]
     truncated = np.zeros(len(texts), dtype=bool)
-    kept = list(texts)
-    room = budget - overhead
-    for i, offsets in enumerate(reviews["offset_mapping"]):
-        if len(offsets) > room:
-            kept[i] = texts[i][: offsets[room - 1][1]]
-            truncated[i] = True
-    ids = tokenizer([params.prompt.format(review=t) for t in kept], add_special_tokens=True).input_ids
+    truncated[long] = True
+    reviews = backend.encode_batch([texts[i] for i in long], add_special_tokens=False)
+    cut = [min(budget - overhead, len(r.offsets)) for r in reviews]
     # Tokens can merge across the template boundary, so a cut prompt may still be a token or two long: cut more.
-    for i in np.flatnonzero([len(x) > budget for x in ids]):
-        cut = room
-        while len(ids[i]) > budget:
-            cut -= len(ids[i]) - budget
-            offsets = reviews["offset_mapping"][i]
-            kept[i] = texts[i][: offsets[cut - 1][1]]
-            ids[i] = tokenizer(params.prompt.format(review=kept[i]), add_special_tokens=True).input_ids
-        truncated[i] = True
+    while long:
+        kept = [texts[i][: r.offsets[c - 1][1]] for i, r, c in zip(long, reviews, cut, strict=True)]
+        encoded = backend.encode_batch([params.prompt.format(review=t) for t in kept])
+        over = []
+        for j, (i, row) in enumerate(zip(long, encoded, strict=True)):
+            ids[i] = row.ids
+            if len(row.ids) > budget:
+                over.append(j)
+                cut[j] -= len(row.ids) - budget
+        long, reviews, cut = [long[j] for j in over], [reviews[j] for j in over], [cut[j] for j in over]
     return ids, truncated
 
 

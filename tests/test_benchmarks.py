@@ -171,20 +171,37 @@ def test_device_runner_on_cpu(tmp_path: Path) -> None:
     repo = copy_sources(tmp_path)
     env = stage_env({"OUT": str(tmp_path / "out")})
     args = ["llama", "--profile", "profiles/demo.yaml", "--baseline-last", "--budget-gib", "16", "--budget-steps", "4"]
+    args += ["--profile-step"]
     done = subprocess.run(
         [sys.executable, "benchmarks/run_device.py", *args], cwd=repo, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["tag"]) for r in lines] == [
+    sweep = [r["data"] for r in lines if r["kind"] == "sweep"]
+    assert [v["variant"] for v in sweep] == [
+        "default",
+        "rows-1024",
+        "rows-4096",
+        "mb8",
+        "mb4",
+        "ckpt-all",
+        "ckpt-half",
+        "ckpt-quarter",
+        "ckpt-all-mb8",
+    ]
+    assert all(v["reviews_per_s"] > 0 and v["tokens_per_s"] > v["reviews_per_s"] for v in sweep)
+    assert [v["checkpointed_layers"] for v in sweep][-4:] == [2, 1, 0, 2]  # the demo's 2 layers
+    assert (tmp_path / "out" / "profile_llama.txt").read_text().startswith("profile llama:")
+    assert [(r["kind"], r["tag"]) for r in lines if r["kind"] != "sweep"] == [
         ("call", "argv"),
         ("finetune", "default"),
         ("evaluate", "default"),
         ("timings", "duel"),
         ("finetune", "budget"),
     ]
-    default, budget = lines[1]["data"], lines[4]["data"]
+    stages = [r for r in lines if r["kind"] != "sweep"]
+    default, budget = stages[1]["data"], stages[4]["data"]
     assert default["steps"] == 20 and budget["steps"] == 4 and budget["memory_budget_gib"] == 16
-    assert set(lines[3]["data"]) == {"download", "tokenize", "finetune", "evaluate", "duel_wall_s"}
+    assert set(stages[3]["data"]) == {"download", "tokenize", "finetune", "evaluate", "duel_wall_s"}
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "==== finetune_llama_default: exit 0" in log and "==== baseline_llama: exit" in log
