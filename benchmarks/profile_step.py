@@ -25,7 +25,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from duel.io import read_json
-from duel.modeling import add_lora, attention_implementation, load_base_model, load_tokenizer
+from duel.modeling import (
+    LIGER_CONFIG,
+    add_lora,
+    attention_implementation,
+    kernels_implementation,
+    load_base_model,
+    load_tokenizer,
+)
 from duel.params import load_params
 from duel.training import AnswerCollator, ReviewDataset, answer_loss, training_order
 
@@ -47,8 +54,11 @@ def main() -> None:
     dataset = ReviewDataset(frame.iloc[order], tuple(read_json(tokens / "verbalizer.json")["token_ids"]))
     collate = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
 
-    attention = attention_implementation(train.attention)
-    model = add_lora(load_base_model(base, params.model(args.key), params, attention), params.model(args.key), params)
+    # The profile and the first half of the sweep with the plain kernels; Liger joins for the second half.
+    attention, kernels = attention_implementation(train.attention), "none"
+    model = add_lora(
+        load_base_model(base, params.model(args.key), params, attention, kernels), params.model(args.key), params
+    )
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate)
@@ -89,13 +99,20 @@ def main() -> None:
     summary = (
         f"profile {args.key}: {seconds:.3f} s per optimizer step ({train.batch_size / seconds:.2f} reviews/s, "
         f"profiler overhead included), micro-batch {train.micro_batch}, padding {train.padding}, "
-        f"checkpointing {model.is_gradient_checkpointing}, attention {attention}\n"
+        f"checkpointing {model.is_gradient_checkpointing}, attention {attention}, kernels {kernels}\n"
     )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"profile_{args.key}.txt").write_text(summary + table)
     print(summary + table)
-    if args.sweep_steps:
-        sweep(args.key, model, step, collate, args.warmup + args.steps, args.sweep_steps, train.batch_size)
+    if not args.sweep_steps:
+        return
+    first = args.warmup + args.steps
+    sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "none")
+    if kernels_implementation(train.kernels) == "liger":
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, LIGER_CONFIG)
+        sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "liger")
 
 
 def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
@@ -116,8 +133,10 @@ def sweep(
     first: int,
     steps: int,
     batch: int,
+    kernels: str,
 ) -> None:
-    """Seconds per step and peak memory (on CUDA) for execution variants, one warm-up step each."""
+    """Seconds per step and peak memory (on CUDA) for execution variants: each a warm-up step on batch `first`, then
+    `steps` timed steps on the batches after it (the same batches for every variant)."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
@@ -125,12 +144,11 @@ def sweep(
         ("default", collate.row_tokens, batch, 0),
         ("rows-1024", 1024, batch, 0),
         ("rows-4096", 4096, batch, 0),
-        ("mb8", collate.row_tokens, 8, 0),
-        ("mb4", collate.row_tokens, 4, 0),
+        ("mb8", collate.row_tokens, batch // 2, 0),
         ("ckpt-all", collate.row_tokens, batch, layers),
+        ("ckpt-all-but-4", collate.row_tokens, batch, max(layers - 4, 0)),
         ("ckpt-half", collate.row_tokens, batch, layers // 2),
-        ("ckpt-quarter", collate.row_tokens, batch, layers // 4),
-        ("ckpt-all-mb8", collate.row_tokens, 8, layers),
+        ("ckpt-all-rows-1024", 1024, batch, layers),
     ]
     for name, rows, micro_batch, checkpointed in variants:
         set_checkpointed_layers(model, checkpointed)
@@ -146,6 +164,7 @@ def sweep(
             seconds = (time.perf_counter() - start) / steps
             row = {
                 "variant": name,
+                "kernels": kernels,
                 "row_tokens": rows,
                 "micro_batch": micro_batch,
                 "checkpointed_layers": checkpointed,
@@ -158,13 +177,12 @@ def sweep(
                 row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         except torch.OutOfMemoryError as error:
-            row = {"variant": name, "error": str(error).splitlines()[0][:200]}
-        first += steps + 1
+            row = {"variant": name, "kernels": kernels, "error": str(error).splitlines()[0][:200]}
         if cuda:
             torch.cuda.empty_cache()
         print(f"sweep {key}: {row}", flush=True)
         with (OUT / "results.jsonl").open("a") as f:
-            f.write(json.dumps({"kind": "sweep", "model": key, "tag": name, "data": row}) + "\n")
+            f.write(json.dumps({"kind": "sweep", "model": key, "tag": f"{kernels}/{name}", "data": row}) + "\n")
 
 
 if __name__ == "__main__":

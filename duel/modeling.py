@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from duel.io import atomic_dir, read_json, write_json
-from duel.params import ModelParams, Params, QuantizationParams
+from duel.params import ModelParams, Params, ParamsError, QuantizationParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VERSIONED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "dvclive", "flash-attn"]
@@ -185,8 +185,35 @@ def quantization_config(params: QuantizationParams) -> BitsAndBytesConfig | None
     )
 
 
-def load_base_model(base_dir: Path, model: ModelParams, params: Params, attention: str) -> PreTrainedModel:
-    """The base model, 4-bit when quantization is on, on the GPU when there is one; no adapter yet."""
+# Liger through transformers' integration (the Trainer's use_liger_kernel): the loss is ours, so the model's forward
+# and its cross-entropy stay as they are.
+LIGER_CONFIG = {
+    "rope": True,
+    "rms_norm": True,
+    "swiglu": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
+
+
+def kernels_implementation(requested: str) -> str:
+    """train.kernels resolved: auto is liger on a CUDA machine where liger-kernel is installed, else none."""
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if requested == "liger" and not installed:
+        raise ParamsError(
+            "train.kernels: liger needs the liger-kernel package (pip install -r requirements-gpu.txt); "
+            "or set it to auto or none"
+        )
+    if requested == "auto":
+        return "liger" if installed and torch.cuda.is_available() else "none"
+    return requested
+
+
+def load_base_model(
+    base_dir: Path, model: ModelParams, params: Params, attention: str, kernels: str = "none"
+) -> PreTrainedModel:
+    """The base model, 4-bit when quantization is on, on the GPU when there is one, with the fused kernels asked
+    for (kernels_implementation); no adapter yet."""
     info = model_info(base_dir)
     device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -200,6 +227,10 @@ def load_base_model(base_dir: Path, model: ModelParams, params: Params, attentio
         local_files_only=True,
     )
     loaded.config.use_cache = False  # no generation here; the KV cache only costs memory in training
+    if kernels == "liger":
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(loaded, LIGER_CONFIG)
     return loaded
 
 

@@ -112,6 +112,9 @@ class TrainParams:
     out-of-memory error with it off switches it on before the micro-batch is halved."""
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"]
     """auto: flash_attention_2 when installed, else sdpa. The one used is recorded."""
+    kernels: Literal["auto", "liger", "none"]
+    """Fused Triton kernels for RMSNorm, RoPE and SwiGLU through transformers' Liger integration (training and
+    scoring). auto: liger on a CUDA machine with liger-kernel installed (requirements-gpu.txt), else none."""
     padding: Literal["packed", "longest", "max_length"]
     """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
     itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every

@@ -3,9 +3,10 @@ the two label words at the answer position (no generation).
 
     python -m stages.evaluate        (run by `dvc repro`)
 
-Reads params: models, quantization, eval, train.attention. Reads models/base/<key>/, models/adapters/<key>/ and
-data/tokenized/<key>/test.parquet. Writes metrics/evaluate.json (accuracy, F1, precision, recall, ROC-AUC,
-confusion matrix, reviews/s for every model and variant) and data/predictions/<key>_<variant>.csv (one row per review).
+Reads params: models, quantization, eval, train.attention, train.kernels. Reads models/base/<key>/,
+models/adapters/<key>/ and data/tokenized/<key>/test.parquet. Writes metrics/evaluate.json (accuracy, F1,
+precision, recall, ROC-AUC, confusion matrix, reviews/s for every model and variant) and
+data/predictions/<key>_<variant>.csv (one row per review).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from duel.io import atomic_dir, read_json, write_json
 from duel.modeling import (
     attention_implementation,
     dequantized,
+    kernels_implementation,
     load_adapter_for_inference,
     load_base_model,
     load_tokenizer,
@@ -50,6 +52,7 @@ def score(model: Any, test: pd.DataFrame, answer_ids: tuple[int, int], pad_id: i
 def main() -> None:
     params = load_params()
     attention = attention_implementation(params.train.attention)
+    kernels = kernels_implementation(params.train.kernels)
     results: dict[str, dict] = {}
     with atomic_dir("data/predictions") as predictions:
         for key, model_params in params.models.items():
@@ -59,7 +62,7 @@ def main() -> None:
             labels = test["label"].to_numpy()
             answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
             pad_id = load_tokenizer(base).pad_token_id
-            model = load_base_model(base, model_params, params, attention)
+            model = load_base_model(base, model_params, params, attention, kernels)
             merge = merge_wanted(params)
             if merge:
                 model = dequantized(model, params.quantization.enabled)
@@ -73,7 +76,9 @@ def main() -> None:
                 if variant not in scored:
                     continue
                 logits, measured = scored[variant]
-                results[key][variant] = classification_metrics(labels, logits) | measured | {"merged_adapter": merge}
+                results[key][variant] = (
+                    classification_metrics(labels, logits) | measured | {"merged_adapter": merge, "kernels": kernels}
+                )
                 predictions_frame(labels, logits).to_csv(predictions / f"{key}_{variant}.csv", index=False)
                 print(
                     f"evaluate {key} {variant}: accuracy {results[key][variant]['accuracy']}, "

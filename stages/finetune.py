@@ -27,6 +27,7 @@ from duel.modeling import (
     add_lora,
     attention_implementation,
     gpu_memory_gib,
+    kernels_implementation,
     load_base_model,
     load_tokenizer,
     switch_on_checkpointing,
@@ -67,7 +68,8 @@ def main() -> None:
 
     tokenizer = load_tokenizer(base)
     attention = attention_implementation(params.train.attention)
-    model = add_lora(load_base_model(base, model_params, params, attention), model_params, params)
+    kernels = kernels_implementation(params.train.kernels)
+    model = add_lora(load_base_model(base, model_params, params, attention, kernels), model_params, params)
     trainable, total_params = model.get_nb_trainable_parameters()
 
     # trainer_state.json is the last file the Trainer writes: a folder without it is a save cut short by a crash.
@@ -134,6 +136,7 @@ def main() -> None:
         "energy_j_per_step": round(hardware["energy_j"] / steps_timed, 2) if hardware["energy_j"] else None,
         "memory_plot": memory_kind(),
         "attention": attention,
+        "kernels": kernels,
         "precision": params.train.precision,
         "quantization": f"{params.quantization.quant_type}{'-dq' if params.quantization.double_quant else ''}"
         if params.quantization.enabled
@@ -158,7 +161,8 @@ def main() -> None:
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     print(
         f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {train_s:.1f} s, "
-        f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}"
+        f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}, "
+        f"kernels {kernels}"
     )
 
 

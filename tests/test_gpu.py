@@ -257,3 +257,46 @@ def test_saved_adapter_reloads_to_the_same_evaluation_logits(trained: Trained, b
     in_eval_dtypes = label_logits(model, frame, ANSWERS, PAD, EVAL_BATCH, "in eval dtypes")
     print(f"max |reloaded - trained in eval dtypes| = {np.abs(logits - in_eval_dtypes).max():.3g} (0 expected)")
     np.testing.assert_allclose(logits, in_eval_dtypes, rtol=SAME_RTOL, atol=SAME_ATOL)
+
+
+def loss_and_lora_grads(model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[float, dict[str, Any]]:
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = answer_loss(model(**inputs), labels)
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel (requirements-gpu)")
+def test_liger_kernels_compute_the_same_loss_and_gradients(
+    params: Params, base_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """train.kernels: liger swaps RMSNorm, RoPE and SwiGLU for fused Triton kernels; on the 4-bit LoRA model and a
+    packed batch the loss and the LoRA gradients stay those of the plain kernels, up to bf16 rounding."""
+    from transformers.models.llama import modeling_llama
+
+    # Liger replaces the module's RoPE function for every Llama in the process: undo that after this test.
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    setup = setup_for(params, RECIPES["packed"])
+    dataset = ReviewDataset(reviews_frame(), ANSWERS)
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)([dataset[i] for i in range(len(dataset))])
+    labels = batch.pop("labels").cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    results = {}
+    for kernels in ("none", "liger"):
+        torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
+        base = load_base_model(base_dir, setup.model, setup.params, ATTENTION, kernels)
+        model = add_lora(base, setup.model, setup.params)
+        results[kernels] = loss_and_lora_grads(model, inputs, labels)
+        if kernels == "liger":
+            layer = base.model.layers[0]
+            assert layer.mlp._get_name() == "LigerSwiGLUMLP" and layer.input_layernorm._get_name() == "LigerRMSNorm"
+        del model, base
+    (plain_loss, plain_grads), (liger_loss, liger_grads) = results["none"], results["liger"]
+    assert liger_loss == pytest.approx(plain_loss, rel=2e-2), (plain_loss, liger_loss)
+    assert sorted(liger_grads) == sorted(plain_grads) and plain_grads
+    for name, grad in plain_grads.items():
+        # bf16 activations: compare each gradient tensor as a whole (relative norm of the difference)
+        difference = (liger_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert difference < 5e-2, (name, float(difference))

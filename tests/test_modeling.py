@@ -37,3 +37,19 @@ def test_random_weights_fall_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch, ca
     assert modeling._random_model(config=None, seed=0) == "model"
     assert built_in == ["cuda", "cpu"]
     assert "building them on the CPU" in capsys.readouterr().out
+
+
+def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto is liger only on CUDA with liger-kernel installed; asking for liger without it is a one-line error."""
+    installed = {"liger_kernel": True}
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if installed.get(name) else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.kernels_implementation("auto") == "liger"
+    assert modeling.kernels_implementation("none") == "none"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.kernels_implementation("auto") == "none"  # the Triton kernels need a GPU
+    installed["liger_kernel"] = False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.kernels_implementation("auto") == "none"
+    with pytest.raises(modeling.ParamsError, match=r"^train\.kernels: liger needs the liger-kernel package"):
+        modeling.kernels_implementation("liger")

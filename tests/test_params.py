@@ -135,6 +135,7 @@ def test_paper_profile_args():
         "train.precision": "fp16",
         "train.padding": "max_length",
         "train.gradient_checkpointing": True,
+        "train.kernels": "none",
         "train.logging_steps": 10,
         "quantization.compute_dtype": "float16",
         "quantization.upcast_fp32": True,
