@@ -1,7 +1,7 @@
 """Where does a training step's time go? torch.profiler over a few optimizer steps of the finetune stage's own setup
 (model, LoRA, collator, loss), on the first steps' reviews of data/tokenized/<key>/ (run download and tokenize
 first, e.g. through benchmarks/run_device.py). Prints the kernels that took most device time and the share of time
-per phase (forward, backward, optimizer), and writes the same to $OUT/profile_<key>.txt.
+per phase (forward, backward, optimizer) to stdout (benchmarks/run_device.py keeps it in $OUT/log.txt).
 
 Then a sweep of how the same steps are executed (what is learned does not change): row length of the packing,
 micro-batch split, gradient checkpointing on all, half or none of the layers. For each: seconds per step, reviews/s,
@@ -22,16 +22,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from duel.io import read_json
 from duel.modeling import (
     LIGER_CONFIG,
     add_lora,
     attention_implementation,
+    decoder_layers,
     kernels_implementation,
     load_base_model,
     load_tokenizer,
+    set_checkpointed_layers,
 )
 from duel.params import load_params
 from duel.training import AnswerCollator, ReviewDataset, answer_loss, training_order
@@ -101,8 +102,6 @@ def main() -> None:
         f"profiler overhead included), micro-batch {train.micro_batch}, padding {train.padding}, "
         f"checkpointing {model.is_gradient_checkpointing}, attention {attention}, kernels {kernels}\n"
     )
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"profile_{args.key}.txt").write_text(summary + table)
     print(summary + table)
     if not args.sweep_steps:
         return
@@ -113,16 +112,6 @@ def main() -> None:
 
         apply_liger_kernel(model, LIGER_CONFIG)
         sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "liger")
-
-
-def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
-    """Gradient checkpointing on the first `count` decoder layers, off on the rest."""
-    if count:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-    for i, layer in enumerate(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
-        layer.gradient_checkpointing = i < count
 
 
 def sweep(
@@ -139,7 +128,7 @@ def sweep(
     `steps` timed steps on the batches after it (the same batches for every variant)."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+    layers = len(decoder_layers(model))
     variants = [  # (name, row tokens, micro-batch, checkpointed layers)
         ("default", collate.row_tokens, batch, 0),
         ("rows-1024", 1024, batch, 0),
@@ -181,6 +170,7 @@ def sweep(
         if cuda:
             torch.cuda.empty_cache()
         print(f"sweep {key}: {row}", flush=True)
+        OUT.mkdir(parents=True, exist_ok=True)
         with (OUT / "results.jsonl").open("a") as f:
             f.write(json.dumps({"kind": "sweep", "model": key, "tag": f"{kernels}/{name}", "data": row}) + "\n")
 

@@ -73,7 +73,7 @@ def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
         log.flush()
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         seconds = time.perf_counter() - start
-        log.write(f"{done.stdout[-3000:]}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
+        log.write(f"{done.stdout}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
     print(f"{tag}: exit {done.returncode} in {seconds:.1f} s", flush=True)
     return done.returncode, seconds, done.stdout
 

@@ -196,8 +196,8 @@ class LiveStep(TrainerCallback):
         self.live.step = state.global_step
 
 
-def step_token_counts(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """Real tokens (prompt + answer) and tokens computed, padding included, per optimizer step."""
+def micro_batch_tokens(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Real tokens (prompt + answer) and tokens computed, padding included, per micro-batch, in training order."""
     train = params.train
     seq = (lengths[order] + 1).reshape(-1, train.micro_batch)
     if train.padding == "max_length":
@@ -206,7 +206,13 @@ def step_token_counts(lengths: np.ndarray, order: np.ndarray, params: Params) ->
         computed = -(-seq.max(axis=1) // 8) * 8 * train.micro_batch
     else:
         computed = np.array([_packed_size(micro.tolist(), train.pack_tokens) for micro in seq])
-    return seq.reshape(train.steps, -1).sum(axis=1), computed.reshape(train.steps, -1).sum(axis=1)
+    return seq.sum(axis=1), computed
+
+
+def step_token_counts(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Real tokens (prompt + answer) and tokens computed, padding included, per optimizer step."""
+    real, computed = micro_batch_tokens(lengths, order, params)
+    return real.reshape(params.train.steps, -1).sum(axis=1), computed.reshape(params.train.steps, -1).sum(axis=1)
 
 
 def _packed_size(lengths: list[int], row_tokens: int) -> int:

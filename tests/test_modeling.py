@@ -41,7 +41,7 @@ def test_random_weights_fall_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch, ca
 
 def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto is liger only on CUDA with liger-kernel installed; asking for liger without it is a one-line error."""
-    installed = {"liger_kernel": True}
+    installed = {"liger_kernel": True, "triton": True}
     monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if installed.get(name) else None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert modeling.kernels_implementation("auto") == "liger"
@@ -51,5 +51,58 @@ def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> No
     installed["liger_kernel"] = False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert modeling.kernels_implementation("auto") == "none"
-    with pytest.raises(modeling.ParamsError, match=r"^train\.kernels: liger needs the liger-kernel package"):
+    with pytest.raises(
+        modeling.ParamsError, match=r"^train\.kernels: liger needs the liger-kernel and triton packages"
+    ):
         modeling.kernels_implementation("liger")
+
+
+GIB = 2**30
+# Llama-2-7B's shape, and what the H200 measured with micro-batch 16 packed and every layer checkpointed: 4.12 GiB
+# allocated by the 4-bit model with LoRA, peak 6.98 GiB over batches of up to about 4,500 tokens.
+LLAMA = {"layers": 32, "hidden": 4096, "intermediate": 11008}
+
+
+def test_layers_to_checkpoint_fits_the_budget() -> None:
+    fixed = 4.12 * GIB + 12 * 40e6
+    count = {b: modeling.layers_to_checkpoint(b * GIB, fixed, **LLAMA, max_tokens=6000) for b in (8, 16, 24, 48, 141)}
+    assert count[8] == 32  # not even all checkpointed fits: all are, and an OOM would halve the micro-batch
+    assert 32 > count[16] > count[24] > count[48] > 0  # more memory, fewer layers recomputed
+    assert count[141] == 0  # the H200 without a budget: nothing recomputed
+    # The plan never exceeds its share of the budget: every checkpointed layer keeps its input, the others all.
+    kept, saved = modeling.kept_layer_bytes(4096, 11008) * 6000, 2 * 4096 * 6000
+    planned = fixed + count[16] * saved + (32 - count[16]) * kept + kept
+    assert planned <= modeling.BUDGET_SHARE * 16 * GIB
+    assert planned + (kept - saved) > modeling.BUDGET_SHARE * 16 * GIB  # one layer fewer would not fit
+    # The all-checkpointed plan reproduces the H200's measured peak (6.98 GiB at about 4,500 tokens) within 10%.
+    peak = 4.12 * GIB + 12 * 40e6 + 32 * 2 * 4096 * 4500 + modeling.kept_layer_bytes(4096, 11008) * 4500
+    assert peak == pytest.approx(6.98 * GIB, rel=0.1)
+
+
+def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) -> None:
+    import dataclasses
+
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), LoraConfig(r=4, target_modules=["q_proj"]))
+
+    def resolved(value: Any, budget: float | None = None, tokens: int | None = 512) -> int:
+        train = dataclasses.replace(params.train, gradient_checkpointing=value, memory_budget_gib=budget)
+        return modeling.checkpointed_layer_count(model, dataclasses.replace(params, train=train), tokens)
+
+    assert resolved(True) == 2 and resolved(False) == 0
+    assert resolved("auto") == 2  # a CPU: all
+    monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 141.0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    assert resolved("auto") == 0  # tiny model, big GPU: none
+    assert resolved("auto", budget=1e-6) == 2  # no room at all: every layer
+    # Without a token count the worst case is planned for: micro_batch x max_length.
+    assert resolved("auto", budget=1e-3, tokens=None) >= resolved("auto", budget=1e-3, tokens=64)
+
+    modeling.set_checkpointed_layers(model, 1)
+    assert [layer.gradient_checkpointing for layer in modeling.decoder_layers(model)] == [True, False]
+    assert modeling.switch_on_checkpointing(model)  # some layers off: all on now
+    assert [layer.gradient_checkpointing for layer in modeling.decoder_layers(model)] == [True, True]
+    assert not modeling.switch_on_checkpointing(model)
