@@ -41,11 +41,15 @@ RAW_ROOT = BENCH / "raw"
 PEAK_FLOPS = 790e12
 MAX_LENGTH = 512  # data.max_length of params.yaml; the finetune JSON does not record it
 PAPER_STEPS = 200  # the paper's optimizer steps
+SWEEP_STEPS = 4  # benchmarks/profile_step.py --sweep-steps, as the runner calls it
+# Its first version, before Liger: no kernels field, and each variant stepped on to the next batches.
+SWEEP_FIRST_VERSION = {"2026-11-30-h200-session3/call1"}
 PAPER_TEST_REVIEWS = 25000  # the whole IMDB test split
 # What session 1's finetune JSON did not record, from its params.yaml and its device call (--budget-gib 16).
 SESSION1_TRAIN = {"gradient_checkpointing": True, "padding": "longest"}
 SESSION1_PAPER_PADDING = "max_length"  # profiles/paper.yaml
 SESSION1_BUDGET_GIB = 16.0
+KERNELS_BEFORE_SESSION3 = "none"  # train.kernels (Liger) came in session 3; earlier metrics do not name it
 # The issue's targets.
 TARGET_FINETUNE_RATIO = 3.0  # default recipe, reviews/s over the baseline's
 TARGET_BUDGET_GIB = 16.0
@@ -78,6 +82,35 @@ CALLS = {
         "download + tokenize + evaluate only: no 200-step fine-tune and 3,000 reviews, so it is not a duel and "
         "gives no duel record."
     ),
+    "2026-11-30-h200-session3/call1": (
+        "Session 3, `--parallel --no-default --test-size 3000 --budget-gib 16 --budget-steps 30 --oom-gib 8 "
+        "--profile-step --gpu-tests`, before Liger and before checkpointing was sized to the budget (all layers "
+        "checkpointed under 16 GiB). Every stage ended (exit 0), but llama's results.jsonl did not come back (a "
+        "device call returns at most 8 files): its numbers are only in llama/log.txt (budget run 18.331 reviews/s, "
+        "baseline step 1.557 s = 10.28 reviews/s, 1.78x; evaluate 99.21 reviews/s on 3,000; the OOM back-off at "
+        "8 GiB: `train: out of GPU memory at step 1; going on from step 0 with gradient checkpointing on`; "
+        "`5 passed` GPU tests) and have no records. The sweep here is the first version: each variant stepped on to "
+        "the next batches."
+    ),
+    "2026-11-30-h200-session3/call2": (
+        "Session 3, `--parallel --baseline-last --test-size 3000 --budget-gib 16 --budget-steps 30 --profile-step "
+        "--gpu-tests`: llama on GPU 0 and deepseek on GPU 1 of one host at the same time. Per model download, "
+        "tokenize, the profile and the sweep (plain kernels, then Liger on the same model), the 200-step default "
+        "fine-tune, evaluate on 3,000 reviews, the baseline, the 16 GiB budget run (30 steps); then the GPU tests "
+        "(`6 passed`, the new Liger test among them) on GPU 0, at the same time as deepseek's budget run. Every "
+        "stage ended (exit 0)."
+    ),
+    "2026-11-30-h200-session3/call3": (
+        "Session 3, `--parallel --baseline-last --budget-gib 0`: the paper-scale duel, llama on GPU 0 and deepseek on "
+        "GPU 1 of one host at the same time, each chain timed stage by stage (download, tokenize, 200-step default "
+        "fine-tune, evaluate of all 25,000 test reviews), then each model's baseline. Every stage ended (exit 0)."
+    ),
+    "2026-11-30-h200-session3/call4": (
+        "Session 3, the single-GPU machine kind (16 CPU cores), llama only: `llama --baseline-last --test-size 500 "
+        "--budget-gib 16 --budget-steps 30`, called with a 330 s limit (what was left of the session's device "
+        "time). The default fine-tune, evaluate (500 reviews, so its rate is mostly warm-up) and the baseline ended "
+        "(exit 0); the budget run was cut by the limit and has no record."
+    ),
 }
 
 
@@ -91,12 +124,14 @@ class Record:
     date: str
     gpu: str
     run: str  # the call folder relative to benchmarks/raw: 2026-11-30-h200, 2026-11-30-h200-session2/call3
-    stage: str  # finetune | evaluate | duel
+    stage: str  # finetune | evaluate | duel | sweep (benchmarks/profile_step.py: a few steps of one variant)
     model: str
     recipe: str  # default | paper | default-16gib | zero-shot | baseline-mb1x16 | baseline-mb16
     quantization: str  # nf4-dq | none
     memory_budget_gib: float | None
     gradient_checkpointing: bool | None  # as resolved by the run (auto: off on the H200); None for evaluate rows
+    checkpointed_layers: int | None  # decoder layers recomputed (session 3 on; None where not recorded)
+    kernels: str | None  # liger | none: fused RMSNorm/RoPE/SwiGLU (train.kernels, session 3 on)
     micro_batch: int | None
     grad_accum: int | None
     max_length: int
@@ -117,8 +152,8 @@ class Record:
     note: str
 
     def __post_init__(self) -> None:
-        if self.stage not in ("finetune", "evaluate", "duel"):
-            raise ValueError(f"stage {self.stage!r}: finetune, evaluate or duel")
+        if self.stage not in ("finetune", "evaluate", "duel", "sweep"):
+            raise ValueError(f"stage {self.stage!r}: finetune, evaluate, duel or sweep")
 
 
 def ratio(value: float | None, baseline: float | None) -> float | None:
@@ -160,6 +195,8 @@ def baseline_records(rows: list[dict[str, Any]], model: str, common: dict[str, A
                 quantization="nf4-dq" if row["quant"] == "nf4-dq" else "none",
                 memory_budget_gib=None,
                 gradient_checkpointing=row["grad_ckpt"],
+                checkpointed_layers=None,
+                kernels="none",
                 micro_batch=row["micro_batch"],
                 grad_accum=row["accum"],
                 max_length=row["seq"],
@@ -197,8 +234,10 @@ def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], comm
     padded_per_review = raw["padded_tokens_per_s"] / raw["reviews_per_s"]
     note = (
         f"random weights; {raw['steps']} of the paper's {PAPER_STEPS} steps, the first (warm-up) step included in "
-        f"wall_s; {raw['precision']}, {raw['attention']}, padding {raw['padding']}, gradient checkpointing "
-        f"{'on' if checkpointing else 'off'}; padding_share {raw['padding_share']}, {padded_per_review:.1f} token "
+        f"wall_s; {raw['precision']}, {raw['attention']}, kernels {raw.get('kernels', KERNELS_BEFORE_SESSION3)}, "
+        f"padding {raw['padding']}, gradient checkpointing {'on' if checkpointing else 'off'}"
+        + (f" in {raw['checkpointed_layers']} layers" if checkpointing and "checkpointed_layers" in raw else "")
+        + f"; padding_share {raw['padding_share']}, {padded_per_review:.1f} token "
         "slots per review"
     )
     if budget is not None:
@@ -217,6 +256,8 @@ def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], comm
         quantization=raw["quantization"] or "none",
         memory_budget_gib=budget,
         gradient_checkpointing=checkpointing,
+        checkpointed_layers=raw.get("checkpointed_layers"),
+        kernels=raw.get("kernels", KERNELS_BEFORE_SESSION3),
         micro_batch=raw["micro_batch"],
         grad_accum=raw["grad_accum"],
         max_length=MAX_LENGTH,
@@ -250,6 +291,8 @@ def evaluate_records(raw: dict[str, Any], model: str, adapter: Record, common: d
                 quantization=adapter.quantization,
                 memory_budget_gib=None,
                 gradient_checkpointing=None,
+                checkpointed_layers=None,
+                kernels=m.get("kernels", KERNELS_BEFORE_SESSION3),
                 micro_batch=None,
                 grad_accum=None,
                 max_length=MAX_LENGTH,
@@ -271,6 +314,49 @@ def evaluate_records(raw: dict[str, Any], model: str, adapter: Record, common: d
             )
         )
     return records
+
+
+def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], common: dict[str, Any]) -> Record:
+    """One variant of benchmarks/profile_step.py's sweep: a few optimizer steps of the default recipe's setup with one
+    execution choice changed (row length, micro-batch, checkpointed layers, kernels), on the same batches."""
+    best = max(b.reviews_per_s for b in baselines if b.quantization == "nf4-dq")
+    checkpointed = raw["checkpointed_layers"]
+    first_version = common["run"] in SWEEP_FIRST_VERSION
+    kernels = "none" if first_version else raw["kernels"]
+    batches = (
+        "each variant on the next batches (this first version of the sweep), so the variants' reviews differ"
+        if first_version
+        else "the same batches for every variant"
+    )
+    return Record(
+        **common,
+        stage="sweep",
+        model=model,
+        recipe=f"{kernels}/{raw['variant']}",
+        quantization="nf4-dq",
+        memory_budget_gib=None,
+        gradient_checkpointing=checkpointed > 0,
+        checkpointed_layers=checkpointed,
+        kernels=kernels,
+        micro_batch=raw["micro_batch"],
+        grad_accum=16 // raw["micro_batch"],
+        max_length=MAX_LENGTH,
+        steps=SWEEP_STEPS,
+        wall_s=raw["s_per_step"],
+        reviews_per_s=raw["reviews_per_s"],
+        tokens_per_s=raw["tokens_per_s"],
+        padding_share=None,
+        peak_vram_gib=raw["peak_reserved_gib"],
+        nvml_peak_gib=None,
+        energy_j_per_step=None,
+        mfu=None,
+        baseline_reviews_per_s=best,
+        baseline_same_recipe_reviews_per_s=None,
+        ratio_vs_baseline=ratio(raw["reviews_per_s"], best),
+        note=f"rows of {raw['row_tokens']} tokens, {checkpointed} of {raw['layers']} layers checkpointed; peak "
+        f"allocated {raw['peak_allocated_gib']} GiB; wall_s is seconds per step over {SWEEP_STEPS} steps after a "
+        f"warm-up step, {batches}, outside the Trainer (no logging or telemetry)",
+    )
 
 
 def duel_record(timings: dict[str, Any], default: Record, test_reviews: int) -> Record:
@@ -336,6 +422,7 @@ def results_records(folder: Path, common: dict[str, Any]) -> list[Record]:
         finetunes: list[Record] = []
         evaluates: list[Record] = []
         duels: list[Record] = []
+        sweeps: list[Record] = []
         test_reviews = 0
         for line in lines:
             kind, tag, data = line["kind"], line["tag"], line["data"]
@@ -348,10 +435,33 @@ def results_records(folder: Path, common: dict[str, Any]) -> list[Record]:
                 # with --no-default the runner's 'duel' timings lack the fine-tune: not a duel, no record
                 default = next(r for r in finetunes if r.recipe == "default")
                 duels.append(duel_record(data, default, test_reviews))
+            elif kind == "sweep":
+                sweeps.append(sweep_record(data, model, baselines, context))
             elif kind not in ("baseline", "timings", "gpu_tests"):
                 raise ValueError(f"{folder / 'results.jsonl'}: unknown kind {kind!r}")
-        records += baselines + finetunes + evaluates + duels
+        records += baselines + finetunes + evaluates + duels + sweeps
     return records
+
+
+def whole_duel(records: list[Record]) -> list[Record]:
+    """The paper-scale duel of all models of one call: the sum of each model's measured chain of stages (download,
+    tokenize, 200-step fine-tune, evaluate of all test reviews); none unless every model has one."""
+    chains = [r for r in records if r.stage == "duel" and "not the paper-scale" not in r.note]
+    models = sorted({r.model for r in records})
+    if len(models) < 2 or sorted(r.model for r in chains) != models:
+        return []
+    total = round(sum(r.wall_s for r in chains), 1)
+    parts = " + ".join(f"{r.model} {r.wall_s}" for r in chains)
+    return [
+        dataclasses.replace(
+            chains[0],
+            model="+".join(r.model for r in chains),
+            wall_s=total,
+            call_stages_s=None,
+            note=f"{parts} = {total} s: each model's stages measured back to back in this call, one model per GPU "
+            "of the host at the same time; one GPU runs them one after the other, which this sum is",
+        )
+    ]
 
 
 def build_records(raw: Path) -> list[Record]:
@@ -361,11 +471,13 @@ def build_records(raw: Path) -> list[Record]:
     with (raw / "gpu.csv").open() as f:
         gpu = next(csv.DictReader(f, skipinitialspace=True))["name"]
     common = {"date": date, "gpu": gpu, "run": run, "versions": json.loads((raw / "versions.json").read_text())}
-    if (raw / "results.jsonl").exists():  # one GPU: the models one after another, at the folder's top
-        return results_records(raw, common)
     if folders := sorted(p.parent for p in raw.glob("*/results.jsonl")):  # --parallel: one folder per model
-        return [r for folder in folders for r in results_records(folder, common)]
-    return session1_records(raw, common)
+        records = [r for folder in folders for r in results_records(folder, common)]
+    elif (raw / "results.jsonl").exists():  # one GPU: the models one after another, at the folder's top
+        records = results_records(raw, common)
+    else:
+        return session1_records(raw, common)
+    return records + whole_duel(records)
 
 
 def read_records(path: Path) -> list[Record]:
@@ -479,6 +591,12 @@ def table_row(r: Record) -> str:
             f"{fmt(r.energy_j_per_step, 1)} | {fmt(None if r.mfu is None else 100 * r.mfu, 1)} | "
             f"{fmt(r.baseline_reviews_per_s, 3)} | {fmt(r.ratio_vs_baseline, 3)} |"
         )
+    if r.stage == "sweep":
+        return (
+            f"| {r.recipe} | {r.micro_batch} x {r.grad_accum} | {r.checkpointed_layers} | {fmt(r.wall_s, 3)} | "
+            f"{fmt(r.reviews_per_s)} | {fmt(r.tokens_per_s, 1)} | {fmt(r.peak_vram_gib)} | "
+            f"{fmt(r.ratio_vs_baseline, 3)} | {r.note} |"
+        )
     if r.stage == "evaluate":
         return (
             f"| {r.model} | {r.recipe} | {r.quantization} | {fmt(r.wall_s)} | {fmt(r.reviews_per_s)} | "
@@ -512,6 +630,35 @@ EVALUATE_HEADER = header(
     "model", "variant", "quantization", "wall s", "reviews/s", "peak VRAM (torch reserved) GiB", "NVML peak GiB", "note"
 )
 DUEL_HEADER = header("model", "recipe", "micro-batch x accum", "steps", "wall s", "stages")
+SWEEP_HEADER = header(
+    "kernels/variant",
+    "micro-batch x accum",
+    "checkpointed layers",
+    "s/step",
+    "reviews/s",
+    "real tokens/s",
+    "peak VRAM (torch reserved) GiB",
+    "ratio to baseline",
+    "note",
+)
+
+REPRODUCE = """\
+## Reproducing these numbers
+
+On a machine with two GPUs (each model on its own, with its own baseline in the same call), in one call:
+
+```bash
+bash benchmarks/device.sh llama deepseek --parallel --budget-gib 16 --budget-steps 30 --oom-gib 8 --profile-step
+```
+
+Per model this runs the baseline (`../shared/bench/hf_qlora_baseline.py`, copied into `.carry/`), the sweep, the
+paper-scale duel's stages (download, tokenize, 200-step default fine-tune, evaluate of all 25,000 test reviews), the
+16 GiB budget run and the 8 GiB out-of-memory back-off, then `python benchmarks/record.py` turns `$OUT` (copied
+under `benchmarks/raw/`) into records. On one GPU, drop `--parallel`: the models then run one after the other. The
+lent device here stops a call at 10 minutes, so these numbers come from several calls: the duel from
+`--parallel --baseline-last --budget-gib 0` (call 3), the rest from `--parallel --baseline-last --test-size 3000
+--budget-gib 16 --budget-steps 30 --profile-step --gpu-tests` (call 2); each run's section gives its command.
+"""
 
 MEASURED = """\
 ## How the numbers were measured
@@ -521,6 +668,17 @@ meaningless. `.whl` (the wheels) and `.carry` (the hub cache, IMDB and the basel
 machine; `benchmarks/device.sh` installs the wheels, writes gpu.csv and versions.json and runs
 `benchmarks/run_device.py` with the stages' profile `benchmarks/profiles/h200.yaml`. A device call is limited to
 10 minutes.
+
+**Session 3** (runs `2026-11-30-h200-session3/call1` to `call4`): the same runner. The code adds, after call 1,
+Liger's fused RMSNorm, RoPE and SwiGLU kernels (`train.kernels: auto`, through transformers' Liger integration) and
+gradient checkpointing sized to the memory budget (`train.gradient_checkpointing: auto`: the fewest decoder layers
+that fit, from a memory model fitted to call 1's sweep); tokenize encodes each prompt once. The sweep
+(`benchmarks/profile_step.py`, `--profile-step`) times a few optimizer steps of the default setup per execution
+choice outside the Trainer; the profile showed the default step bound by the CPU's launching of kernels (CPU time
+per step above the GPU's busy time), so host CPU speed and load move every fast-path number: the same code ran
+llama's default at 32.7 reviews/s (call 2) and 29.7 (call 3) on the two-GPU host and 25.5 on the single-GPU host
+(call 4), against baselines of 10.0-10.3 in each. Sweep rows are 4 steps each and noisy: the first variant after
+the profiler always ran slow, and in call 2 the other model's process shared the host.
 
 **Session 2** (runs `2026-11-30-h200-session2/call2`, `call3`, `call4`):
 `bash benchmarks/device.sh llama deepseek --parallel ...` (call 2 without `--parallel`; each run's section gives its
@@ -593,7 +751,8 @@ def findings(records: list[Record]) -> list[str]:
     if default:
         lines.append(
             f"- {model}, default recipe ({default.steps} steps, padding_share {default.padding_share}, gradient "
-            f"checkpointing {on_off(default.gradient_checkpointing)}): {default.reviews_per_s} reviews/s, "
+            f"checkpointing {on_off(default.gradient_checkpointing)}, kernels {default.kernels}): "
+            f"{default.reviews_per_s} reviews/s, "
             f"{default.ratio_vs_baseline}x the baseline's best quantized configuration ({best.recipe}, "
             f"{best.reviews_per_s} reviews/s, same call and GPU; target {TARGET_FINETUNE_RATIO}x: "
             f"{met(default.ratio_vs_baseline >= TARGET_FINETUNE_RATIO)}), with {default.peak_vram_gib} GiB torch "
@@ -615,7 +774,9 @@ def findings(records: list[Record]) -> list[str]:
         lines.append(
             f"- {model}, {budget.memory_budget_gib:g} GiB budget ({budget.steps} steps, the warm-up step included): "
             f"micro-batch {budget.micro_batch} x {budget.grad_accum}, gradient checkpointing "
-            f"{on_off(budget.gradient_checkpointing)}, torch reserved peak {budget.peak_vram_gib} GiB ({verdict} the "
+            f"{on_off(budget.gradient_checkpointing)}"
+            + (f" in {budget.checkpointed_layers} layers" if budget.checkpointed_layers is not None else "")
+            + f", kernels {budget.kernels}, torch reserved peak {budget.peak_vram_gib} GiB ({verdict} the "
             f"budget by {abs(budget.memory_budget_gib - budget.peak_vram_gib):.1f} GiB{compared}), NVML peak "
             f"{budget.nvml_peak_gib} GiB including the CUDA context; {budget.reviews_per_s} reviews/s, "
             f"{budget.ratio_vs_baseline}x the baseline (target {TARGET_BUDGET_RATIO}x: "
@@ -643,6 +804,11 @@ def findings(records: list[Record]) -> list[str]:
     return lines
 
 
+def reviews_scored(r: Record) -> int:
+    """The test reviews an evaluate record scored, as its note (evaluate_records) gives them."""
+    return int(re.match(r"[\w-]+: (\d+) test reviews", r.note).group(1))
+
+
 def summary(records: list[Record], estimates: list[tuple[tuple[DuelPiece, ...], float]]) -> str:
     """The issue's targets against every run's numbers, newest run first."""
     newest_first = sorted(records, key=lambda r: r.run, reverse=True)
@@ -668,9 +834,16 @@ def summary(records: list[Record], estimates: list[tuple[tuple[DuelPiece, ...], 
     ]
     lines += [
         f"| evaluate: ≥ {TARGET_EVAL_REVIEWS_PER_S:g} reviews/s | {r.model} | {r.run} | {r.reviews_per_s} reviews/s "
-        f"| {met(r.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S)} |"
+        f"({reviews_scored(r):,} reviews) | {met(r.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S)} |"
         for r in newest_first
         if r.stage == "evaluate" and r.recipe == "default"
+    ]
+    lines += [
+        f"| paper-scale duel, both models: ≤ {TARGET_DUEL_S / 60:g} min | {r.model} | {r.run} | measured: {r.wall_s} s "
+        f"= {r.wall_s / 60:.1f} min, the sum of each model's chain of stages (run section) | "
+        f"{met(r.wall_s <= TARGET_DUEL_S)} |"
+        for r in newest_first
+        if r.stage == "duel" and "+" in r.model
     ]
     if estimates:
         totals = [total for _, total in estimates]
@@ -780,7 +953,7 @@ def run_to_run(records: list[Record]) -> str:
 
 def run_section(call: list[Record]) -> str:
     first = call[0]
-    models = list(dict.fromkeys(r.model for r in call))
+    models = list(dict.fromkeys(r.model for r in call if "+" not in r.model))  # not the whole duel's row
     versions = ", ".join(f"{k} {v}" for k, v in first.versions.items())
     parts = [f"## Run `{first.run}`: {first.date}, {first.gpu}\n\n{CALLS.get(first.run, UNDESCRIBED)}\n\n{versions}.\n"]
     logged = [
@@ -791,12 +964,19 @@ def run_section(call: list[Record]) -> str:
     if logged:
         parts.append("Stages as logged (log.txt, in the order they ran):\n\n" + "\n".join(logged) + "\n")
     for model in models:
-        rows = [table_row(r) for r in call if r.model == model and r.stage == "finetune"]
-        parts.append(f"### Fine-tune, {model}\n\n{FINETUNE_HEADER}\n" + "\n".join(rows) + "\n")
+        if rows := [table_row(r) for r in call if r.model == model and r.stage == "finetune"]:
+            parts.append(f"### Fine-tune, {model}\n\n{FINETUNE_HEADER}\n" + "\n".join(rows) + "\n")
     if rows := [table_row(r) for r in call if r.stage == "evaluate"]:
         parts.append("### Evaluate\n\n" + EVALUATE_HEADER + "\n" + "\n".join(rows) + "\n")
     if rows := [table_row(r) for r in call if r.stage == "duel"]:
         parts.append("### Duel (the runner's stages back to back)\n\n" + DUEL_HEADER + "\n" + "\n".join(rows) + "\n")
+    for model in models:
+        if rows := [table_row(r) for r in call if r.model == model and r.stage == "sweep"]:
+            parts.append(
+                f"### Sweep of execution choices, {model} (benchmarks/profile_step.py)\n\n{SWEEP_HEADER}\n"
+                + "\n".join(rows)
+                + "\n"
+            )
     shows = [line for model in models for line in findings([r for r in call if r.model == model])]
     if not any(r.stage == "duel" for r in call):
         shows.append(
@@ -805,6 +985,53 @@ def run_section(call: list[Record]) -> str:
     shows.append("- Not shown: accuracy (random weights).")
     parts.append("### What this shows / what it does not\n\n" + "\n".join(shows) + "\n")
     return "\n".join(parts)
+
+
+# Each lever: (name, variant measured, reference it is compared with, what was predicted before measuring it).
+LEVERS = [
+    ("Liger kernels, no checkpointing", "liger/default", "none/default", "1.05-1.10x (fewer kernel launches)"),
+    ("Liger kernels, all layers checkpointed", "liger/ckpt-all", "none/ckpt-all", "1.05-1.10x"),
+    ("rows of 1,024 tokens instead of 2,048", "liger/rows-1024", "liger/default", "up to 1.08x (less attention)"),
+    ("rows of 4,096 tokens instead of 2,048", "liger/rows-4096", "liger/default", "below 1x (more attention)"),
+    ("micro-batch 8 x 2 instead of 16 x 1", "liger/mb8", "liger/default", "about 0.9x (twice the launches)"),
+    ("checkpointing in every layer", "liger/ckpt-all", "liger/default", "0.70-0.75x (a second forward)"),
+    ("checkpointing in all layers but 4", "liger/ckpt-all-but-4", "liger/ckpt-all", "1.04x (4 of 32 fewer)"),
+    ("checkpointing in half of the layers", "liger/ckpt-half", "liger/ckpt-all", "1.15x"),
+]
+
+
+def levers(records: list[Record]) -> str:
+    """The execution levers, predicted and as the newest sweep with both kernel sets measured them: seconds per
+    step of the reference / of the variant (above 1: the lever pays), per model."""
+    sweeps = [r for r in records if r.stage == "sweep" and r.kernels == "liger"]
+    if not sweeps:
+        return ""
+    run = max(r.run for r in sweeps)
+    steps = {(r.model, r.recipe): r.wall_s for r in records if r.stage == "sweep" and r.run == run}
+    models = sorted({model for model, _ in steps})
+    rows = [
+        f"| {name} | {prediction} | "
+        + " | ".join(f"{steps[m, reference] / steps[m, variant]:.2f}x" for m in models)
+        + f" | `{variant}` / `{reference}` |"
+        for name, variant, reference, prediction in LEVERS
+    ]
+    return (
+        f"## Levers: predicted, then measured (sweep of run `{run}`)\n\n"
+        "Speed-up = seconds per step of the reference / of the variant, over the same 4 batches after a warm-up "
+        "step, outside the Trainer. These sweeps are noisy: 4 steps per row on a host shared with the other model's "
+        "process, the first row after the profiler (`none/default`) slow in every sweep, and the two models "
+        "disagree by up to 0.6 on the same lever. Only a lever on which both models agree settles anything: a "
+        "second micro-batch costs (0.66-0.73x), Liger pays with checkpointing on (1.20-1.34x), and checkpointing "
+        "all layers but 4 did not pay against all (0.81-0.86x), so `auto` checkpoints all layers or none. The "
+        "targets are judged on the 200-step stage runs. Measured in earlier sessions, not swept: packing (padding "
+        "share 0.41-0.45 down to 0.20, then 0.03 with balanced rows), checkpointing off, no fp32 upcast and "
+        "answer-only logits, together "
+        "1.1-2.3x (Llama-2) and 1.3-2.7x (DeepSeek) over session 1's default.\n\n"
+        + header("lever", "predicted", *models, "variant / reference")
+        + "\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def session_findings(records: list[Record]) -> str:
@@ -837,13 +1064,16 @@ def session_findings(records: list[Record]) -> str:
 
 
 def render_readme(records: list[Record]) -> str:
-    pieces = duel_pieces(records)
+    measured = any(r.stage == "duel" and "+" in r.model for r in records)
+    pieces = {} if measured else duel_pieces(records)  # an estimate only while no call measured a whole duel
     estimates = duel_estimates(pieces, {r.model for r in records})
     parts = [
         "# Benchmarks\n",
         "Generated by `python benchmarks/record.py` from records.jsonl; do not edit by hand.\n",
         summary(records, estimates),
+        REPRODUCE,
         estimate_section(pieces, estimates),
+        levers(records),
         session_findings(records),
         run_to_run(records),
         MEASURED,

@@ -21,6 +21,7 @@ spec.loader.exec_module(record)
 
 RAW = REPO / "benchmarks" / "raw" / "2026-11-30-h200"
 SESSION2 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session2"
+SESSION3 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session3"
 REQUIRED = {field.name for field in dataclasses.fields(record.Record)}
 ISSUE_FIELDS = {
     "date",
@@ -124,7 +125,7 @@ def test_session2_records_and_readme(tmp_path: Path) -> None:
         "| deepseek | 2026-11-30-h200-session2/call4 | 17.307 / 9.472 reviews/s = 1.827x (20 steps) | not met |"
         in summary
     )
-    assert "| llama | 2026-11-30-h200-session2/call4 | 112.0 reviews/s | met |" in summary
+    assert "| llama | 2026-11-30-h200-session2/call4 | 112.0 reviews/s (3,000 reviews) | met |" in summary
     assert "| llama | default | nf4-dq | 200 | 2026-11-30-h200-session2/call3 | 23.525 | -1.6% |" in readme
 
     # the composed duel estimate: each model's total and each sum equal to the sum of the parts shown
@@ -153,6 +154,70 @@ def test_session2_records_and_readme(tmp_path: Path) -> None:
         assert " + ".join(str(p.total_s) for p in combo) + f" = **{total} s = {total / 60:.1f} min**" in readme
     assert "## Paper-scale duel: ESTIMATE, not a measurement" in readme
     assert "| ESTIMATE from separately measured stages (next section) | 16.9 to 17.6 min | not met |" in summary
+
+
+def test_session3_records_and_readme(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    for raw in (SESSION2 / "call4", *(SESSION3 / f"call{i}" for i in (1, 2, 3, 4))):
+        record.write_records(path, record.merge_records(path, record.build_records(raw)))
+    records = record.read_records(path)
+    readme = record.render_readme(records)
+    session3 = [r for r in records if r.run.startswith("2026-11-30-h200-session3/")]
+    check_complete(session3, readme)
+    by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session3}
+
+    # the measured duel: each model's chain of stages, 200 steps and all 25,000 test reviews, summed
+    duel = by_key["call3", "duel", "deepseek+llama", "default"]
+    chains = [by_key["call3", "duel", model, "default"] for model in ("deepseek", "llama")]
+    assert [c.wall_s for c in chains] == [365.1, 393.0] and duel.wall_s == 758.1
+    for chain in chains:
+        stages = chain.call_stages_s
+        assert chain.wall_s == round(
+            sum(stages[k] for k in ("download", "tokenize", "finetune_default", "evaluate")), 1
+        )
+        assert "200 steps + 25000 test reviews" in chain.note and "not the paper-scale" not in chain.note
+    assert "measured: 758.1 s = 12.6 min" in readme and "ESTIMATE" not in readme
+    assert not [r for r in session3 if r.stage == "duel" and "+" in r.model and r.run.endswith("call2")]  # 3,000
+
+    # the fast path's defaults as the runs resolved them, and the budget sized in layers
+    for model, layers in (("llama", 27), ("deepseek", 26)):
+        default, budget = (
+            by_key["call2", "finetune", model, "default"],
+            by_key["call2", "finetune", model, "default-16gib"],
+        )
+        assert default.kernels == "liger" and default.checkpointed_layers == 0 and not default.gradient_checkpointing
+        assert budget.checkpointed_layers == layers and budget.peak_vram_gib < 16
+    assert by_key["call1", "finetune", "deepseek", "default-16gib"].kernels == "none"
+    assert by_key["call1", "finetune", "deepseek", "oom-backoff-8gib"].memory_budget_gib == 8
+
+    # the sweep: one record per variant and kernel set, on the same batches from call 2 on
+    sweeps = [r for r in session3 if r.stage == "sweep"]
+    assert {r.recipe for r in sweeps if r.run.endswith("call2")} == {
+        f"{kernels}/{variant}"
+        for kernels in ("none", "liger")
+        for variant in (
+            "default",
+            "rows-1024",
+            "rows-4096",
+            "mb8",
+            "ckpt-all",
+            "ckpt-all-but-4",
+            "ckpt-half",
+            "ckpt-all-rows-1024",
+        )
+    }
+    assert all("the same batches for every variant" in r.note for r in sweeps if not r.run.endswith("call1"))
+    assert all("each variant on the next batches" in r.note for r in sweeps if r.run.endswith("call1"))
+    liger = by_key["call2", "sweep", "llama", "liger/ckpt-all"]
+    assert liger.wall_s == 0.5332 and liger.ratio_vs_baseline == round(30.01 / 10.313, 3)
+    assert "| liger/ckpt-all | 16 x 1 | 32 | 0.533 |" in readme
+    # the levers section: speed-ups computed from the sweep rows, the ones its text quotes among them
+    lever = (
+        by_key["call2", "sweep", "llama", "liger/default"].wall_s
+        / by_key["call2", "sweep", "llama", "liger/mb8"].wall_s
+    )
+    assert f"| micro-batch 8 x 2 instead of 16 x 1 | about 0.9x (twice the launches) | 0.73x | {lever:.2f}x |" in readme
+    assert "a second micro-batch costs (0.66-0.73x)" in readme and f"{lever:.2f}" == "0.66"
 
 
 def test_failed_stage_is_refused(tmp_path: Path) -> None:
