@@ -22,6 +22,17 @@ spec.loader.exec_module(record)
 RAW = REPO / "benchmarks" / "raw" / "2026-11-30-h200"
 SESSION2 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session2"
 SESSION3 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session3"
+# benchmarks/profile_step.py's variants, in the order it runs them
+SWEEP_VARIANTS = [
+    "default",
+    "rows-1024",
+    "rows-4096",
+    "mb8",
+    "ckpt-all",
+    "ckpt-all-but-4",
+    "ckpt-half",
+    "ckpt-all-rows-1024",
+]
 REQUIRED = {field.name for field in dataclasses.fields(record.Record)}
 ISSUE_FIELDS = {
     "date",
@@ -193,18 +204,7 @@ def test_session3_records_and_readme(tmp_path: Path) -> None:
     # the sweep: one record per variant and kernel set, on the same batches from call 2 on
     sweeps = [r for r in session3 if r.stage == "sweep"]
     assert {r.recipe for r in sweeps if r.run.endswith("call2")} == {
-        f"{kernels}/{variant}"
-        for kernels in ("none", "liger")
-        for variant in (
-            "default",
-            "rows-1024",
-            "rows-4096",
-            "mb8",
-            "ckpt-all",
-            "ckpt-all-but-4",
-            "ckpt-half",
-            "ckpt-all-rows-1024",
-        )
+        f"{kernels}/{variant}" for kernels in ("none", "liger") for variant in SWEEP_VARIANTS
     }
     assert all("the same batches for every variant" in r.note for r in sweeps if not r.run.endswith("call1"))
     assert all("each variant on the next batches" in r.note for r in sweeps if r.run.endswith("call1"))
@@ -243,17 +243,7 @@ def test_device_runner_on_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     sweep = [r["data"] for r in lines if r["kind"] == "sweep"]
-    names = [
-        "default",
-        "rows-1024",
-        "rows-4096",
-        "mb8",
-        "ckpt-all",
-        "ckpt-all-but-4",
-        "ckpt-half",
-        "ckpt-all-rows-1024",
-    ]
-    assert [v["variant"] for v in sweep] == names  # with the plain kernels only: Liger's need CUDA
+    assert [v["variant"] for v in sweep] == SWEEP_VARIANTS  # with the plain kernels only: Liger's need CUDA
     assert {v["kernels"] for v in sweep} == {"none"}
     assert all(v["reviews_per_s"] > 0 and v["tokens_per_s"] > v["reviews_per_s"] for v in sweep)
     assert [v["checkpointed_layers"] for v in sweep][-4:] == [2, 0, 1, 2]  # the demo's 2 layers
