@@ -25,8 +25,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from duel.io import read_json
 from duel.modeling import (
-    LIGER_CONFIG,
     add_lora,
+    apply_kernels,
     attention_implementation,
     decoder_layers,
     kernels_implementation,
@@ -108,9 +108,7 @@ def main() -> None:
     first = args.warmup + args.steps
     sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "none")
     if kernels_implementation(train.kernels) == "liger":
-        from transformers.integrations.liger import apply_liger_kernel
-
-        apply_liger_kernel(model, LIGER_CONFIG)
+        apply_kernels(model, "liger")
         sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "liger")
 
 

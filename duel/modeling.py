@@ -227,11 +227,16 @@ def load_base_model(
         local_files_only=True,
     )
     loaded.config.use_cache = False  # no generation here; the KV cache only costs memory in training
+    apply_kernels(loaded, kernels)
+    return loaded
+
+
+def apply_kernels(model: Any, kernels: str) -> None:
+    """Swap in the fused kernels kernels_implementation resolved to (a model, or a PEFT model around one)."""
     if kernels == "liger":
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(loaded, LIGER_CONFIG)
-    return loaded
+        apply_liger_kernel(model, LIGER_CONFIG)
 
 
 def add_lora(base: PreTrainedModel, model: ModelParams, params: Params, max_tokens: int | None = None) -> Any:
@@ -280,12 +285,17 @@ def set_checkpointed_layers(model: Any, count: int) -> None:
         layer.gradient_checkpointing = i < count
 
 
+def checkpointed_layers(model: Any) -> int:
+    """How many decoder layers have gradient checkpointing on."""
+    return sum(layer.gradient_checkpointing for layer in decoder_layers(model))
+
+
 def switch_on_checkpointing(model: Any) -> bool:
     """Turn gradient checkpointing on in every decoder layer of a model being trained; False if it was already."""
-    layers = decoder_layers(model)
-    if all(layer.gradient_checkpointing for layer in layers):
+    layers = len(decoder_layers(model))
+    if checkpointed_layers(model) == layers:
         return False
-    set_checkpointed_layers(model, len(layers))
+    set_checkpointed_layers(model, layers)
     return True
 
 

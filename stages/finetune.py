@@ -26,6 +26,7 @@ from duel.io import atomic_dir, read_json, write_json
 from duel.modeling import (
     add_lora,
     attention_implementation,
+    checkpointed_layers,
     decoder_layers,
     gpu_memory_gib,
     kernels_implementation,
@@ -74,10 +75,9 @@ def main() -> None:
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model = add_lora(load_base_model(base, model_params, params, attention, kernels), model_params, params, largest)
     trainable, total_params = model.get_nb_trainable_parameters()
-    checkpointed = sum(layer.gradient_checkpointing for layer in decoder_layers(model))
     print(
-        f"finetune {key}: gradient checkpointing in {checkpointed} of {len(decoder_layers(model))} layers "
-        f"(train.gradient_checkpointing {params.train.gradient_checkpointing}, memory budget "
+        f"finetune {key}: gradient checkpointing in {checkpointed_layers(model)} of {len(decoder_layers(model))} "
+        f"layers (train.gradient_checkpointing {params.train.gradient_checkpointing}, memory budget "
         f"{params.train.memory_budget_gib or 'the whole GPU'} GiB, largest micro-batch {largest} tokens)"
     )
 
@@ -152,7 +152,7 @@ def main() -> None:
         else "none",
         "padding": params.train.padding,
         "gradient_checkpointing": model.is_gradient_checkpointing,
-        "checkpointed_layers": sum(layer.gradient_checkpointing for layer in decoder_layers(model)),
+        "checkpointed_layers": checkpointed_layers(model),
         "memory_budget_gib": params.train.memory_budget_gib,
         "micro_batch": run.micro_batch,
         "grad_accum": params.train.batch_size // run.micro_batch,
