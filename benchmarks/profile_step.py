@@ -4,7 +4,8 @@ first, e.g. through benchmarks/run_device.py). Prints the kernels that took most
 per phase (forward, backward, optimizer) to stdout (benchmarks/run_device.py keeps it in $OUT/log.txt).
 
 Then a sweep of how the same steps are executed (what is learned does not change): row length of the packing,
-micro-batch split, gradient checkpointing on all, half or none of the layers. For each: seconds per step, reviews/s,
+micro-batch split, gradient checkpointing on all, half or none of the layers, the layers compiled (train.compile, on
+CUDA; its one-off compile time recorded), Liger's kernels (where installed). For each: seconds per step, reviews/s,
 real tokens/s and peak torch memory, appended to $OUT/results.jsonl as kind "sweep" (one line per variant).
 
     python3 benchmarks/profile_step.py llama [--steps 3] [--warmup 2] [--sweep-steps 4]
@@ -28,6 +29,7 @@ from duel.modeling import (
     add_lora,
     apply_kernels,
     attention_implementation,
+    compile_layers,
     decoder_layers,
     kernels_implementation,
     load_base_model,
@@ -106,10 +108,42 @@ def main() -> None:
     if not args.sweep_steps:
         return
     first = args.warmup + args.steps
-    sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "none")
+    layers = len(decoder_layers(model))
+    batch = train.batch_size
+    sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", variants(collate, batch, layers))
+    if cuda:  # train.compile: its one-off cost, then the same batches compiled (plain kernels: inductor fuses its own)
+        compile_layers(model, True)
+        start = time.perf_counter()
+        for _ in range(2):  # the first layer (its input needs no gradient) and the others compile separately
+            step(first)
+        torch.cuda.synchronize()
+        compile_s = round(time.perf_counter() - start, 1)
+        print(f"sweep {args.key}: compiling the layers took {compile_s} s (2 steps included)", flush=True)
+        compiled = [
+            ("compiled", collate.row_tokens, batch, 0),
+            ("compiled-ckpt-all", collate.row_tokens, batch, layers),
+        ]
+        extra = {"compile_s": compile_s}
+        sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", compiled, extra)
+        for layer in decoder_layers(model):
+            layer._compiled_call_impl = None  # back to eager for the Liger half
     if kernels_implementation(train.kernels) == "liger":
         apply_kernels(model, "liger")
-        sweep(args.key, model, step, collate, first, args.sweep_steps, train.batch_size, "liger")
+        sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "liger", variants(collate, batch, layers))
+
+
+def variants(collate: AnswerCollator, batch: int, layers: int) -> list[tuple[str, int, int, int]]:
+    """(name, row tokens, micro-batch, checkpointed layers) of each eager variant."""
+    return [
+        ("default", collate.row_tokens, batch, 0),
+        ("rows-1024", 1024, batch, 0),
+        ("rows-4096", 4096, batch, 0),
+        ("mb8", collate.row_tokens, batch // 2, 0),
+        ("ckpt-all", collate.row_tokens, batch, layers),
+        ("ckpt-all-but-4", collate.row_tokens, batch, max(layers - 4, 0)),
+        ("ckpt-half", collate.row_tokens, batch, layers // 2),
+        ("ckpt-all-rows-1024", 1024, batch, layers),
+    ]
 
 
 def sweep(
@@ -121,24 +155,17 @@ def sweep(
     steps: int,
     batch: int,
     kernels: str,
+    variants: list[tuple[str, int, int, int]],
+    extra: dict[str, float] | None = None,
 ) -> None:
-    """Seconds per step and peak memory (on CUDA) for execution variants: each a warm-up step on batch `first`, then
-    `steps` timed steps on the batches after it (the same batches for every variant)."""
+    """Seconds per step and peak memory (on CUDA) for execution variants (name, row tokens, micro-batch,
+    checkpointed layers): each a warm-up step on batch `first`, then `steps` timed steps on the batches after it (the
+    same batches for every variant). `extra` goes into each variant's row."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layers = len(decoder_layers(model))
     for _ in range(2):  # untimed: in every H200 sweep the first variant after the profiler ran slow
         step(first)
-    variants = [  # (name, row tokens, micro-batch, checkpointed layers)
-        ("default", collate.row_tokens, batch, 0),
-        ("rows-1024", 1024, batch, 0),
-        ("rows-4096", 4096, batch, 0),
-        ("mb8", collate.row_tokens, batch // 2, 0),
-        ("ckpt-all", collate.row_tokens, batch, layers),
-        ("ckpt-all-but-4", collate.row_tokens, batch, max(layers - 4, 0)),
-        ("ckpt-half", collate.row_tokens, batch, layers // 2),
-        ("ckpt-all-rows-1024", 1024, batch, layers),
-    ]
     for name, rows, micro_batch, checkpointed in variants:
         set_checkpointed_layers(model, checkpointed)
         variant = AnswerCollator(collate.pad_id, collate.padding, rows)
@@ -161,7 +188,7 @@ def sweep(
                 "s_per_step": round(seconds, 4),
                 "reviews_per_s": round(batch / seconds, 2),
                 "tokens_per_s": round(tokens / steps / seconds, 1),
-            }
+            } | (extra or {})
             if cuda:
                 row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)

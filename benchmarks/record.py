@@ -221,8 +221,11 @@ def baseline_records(rows: list[dict[str, Any]], model: str, common: dict[str, A
 
 
 def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], common: dict[str, Any]) -> Record:
-    if tag not in ("default", "budget", "paper", "oom"):
-        raise ValueError(f"finetune tag {tag!r}: record.py knows default, budget, paper and oom")
+    if tag not in ("default", "budget", "paper", "oom", "compiled", "budget-compiled"):
+        raise ValueError(
+            f"finetune tag {tag!r}: record.py knows default, budget, paper, oom, compiled and budget-compiled"
+        )
+    compiled = "-compiled" if raw.get("compiled") else ""
     quantized = [b for b in baselines if b.quantization == "nf4-dq"]
     best = max(b.reviews_per_s for b in quantized)
     same = [
@@ -237,6 +240,7 @@ def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], comm
         f"wall_s; {raw['precision']}, {raw['attention']}, kernels {raw.get('kernels', KERNELS_BEFORE_SESSION3)}, "
         f"padding {raw['padding']}, gradient checkpointing {'on' if checkpointing else 'off'}"
         + (f" in {raw['checkpointed_layers']} layers" if checkpointing and "checkpointed_layers" in raw else "")
+        + ("; layers compiled (train.compile), the cold compile included in wall_s" if compiled else "")
         + f"; padding_share {raw['padding_share']}, {padded_per_review:.1f} token "
         "slots per review"
     )
@@ -250,9 +254,9 @@ def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], comm
         if tag == "paper"
         else f"oom-backoff-{budget:g}gib"
         if tag == "oom"
-        else "default"
+        else f"default{compiled}"
         if budget is None
-        else f"default-{budget:g}gib",
+        else f"default-{budget:g}gib{compiled}",
         quantization=raw["quantization"] or "none",
         memory_budget_gib=budget,
         gradient_checkpointing=checkpointing,
@@ -353,7 +357,12 @@ def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], commo
         baseline_reviews_per_s=best,
         baseline_same_recipe_reviews_per_s=None,
         ratio_vs_baseline=ratio(raw["reviews_per_s"], best),
-        note=f"rows of {raw['row_tokens']} tokens, {checkpointed} of {raw['layers']} layers checkpointed; peak "
+        note=(
+            f"layers compiled: {raw['compile_s']} s to compile (two steps included), not in wall_s; "
+            if "compile_s" in raw
+            else ""
+        )
+        + f"rows of {raw['row_tokens']} tokens, {checkpointed} of {raw['layers']} layers checkpointed; peak "
         f"allocated {raw['peak_allocated_gib']} GiB; wall_s is seconds per step over {SWEEP_STEPS} steps after a "
         f"warm-up step, {batches}, outside the Trainer (no logging or telemetry)",
     )

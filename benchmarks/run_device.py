@@ -6,12 +6,14 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
                                                     [--parallel] [--gpu-tests] [--profile-step]
                                                     [--baseline-last] [--no-default] [--test-size N]
+                                                    [--compiled]
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
 --baseline-last runs the baseline after the duel's stages (a per-GPU chain of download, tokenize, 200 steps and
 25,000 reviews then fits a 10-minute call); --no-default leaves the 200-step fine-tune out (the budget run's adapter
-is then the one scored); --test-size N scores N test reviews; --profile-step profiles a few training steps.
+is then the one scored); --test-size N scores N test reviews; --profile-step profiles a few training steps;
+--compiled repeats the default and budget fine-tunes with train.compile (each stage process compiles cold).
 
 Per model: the baseline's best configuration (micro-batch 16, nf4 + double quant, checkpointing), run by importing
 ../shared/bench/hf_qlora_baseline.py (carried in .carry/); then the paper-scale duel through the stages in order
@@ -29,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -71,7 +74,9 @@ def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
     with (OUT / "log.txt").open("a") as log:
         log.write(f"==== {tag}\n")
         log.flush()
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        # Each process compiles cold (train.compile): the cost a first run pays, not a cache another run warmed.
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         seconds = time.perf_counter() - start
         log.write(f"{done.stdout}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
     print(f"{tag}: exit {done.returncode} in {seconds:.1f} s", flush=True)
@@ -103,6 +108,13 @@ def finetune(key: str, tag: str) -> None:
 def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argparse.Namespace) -> None:
     write_params(key, profiles, data=data, train={"memory_budget_gib": args.budget_gib, "steps": args.budget_steps})
     finetune(key, "budget")
+    if args.compiled:
+        compiled = {"memory_budget_gib": args.budget_gib, "steps": args.budget_steps} | COMPILED
+        write_params(key, profiles, data=data, train=compiled)
+        finetune(key, "budget-compiled")
+
+
+COMPILED = {"compile": True, "kernels": "none"}  # inductor fuses RMSNorm, RoPE and SwiGLU itself
 
 
 def main() -> None:
@@ -119,6 +131,7 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--gpu-tests", action="store_true")
     parser.add_argument("--profile-step", action="store_true", help="benchmarks/profile_step.py after tokenize")
+    parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -149,6 +162,9 @@ def main() -> None:
         emit("timings", key, "duel", timings | {"duel_wall_s": round(sum(timings.values()), 1)})
         if baseline_last:
             baseline(key, 16, 1, 4)
+        if args.compiled and not args.no_default:
+            write_params(key, profiles, data=data, train=COMPILED)
+            finetune(key, "compiled")
         if args.budget_gib and not args.no_default:
             budget_run(key, profiles, data, args)
         if args.oom_gib:

@@ -265,6 +265,15 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params, max_toke
     return adapted
 
 
+def compile_layers(model: Any, wanted: bool) -> None:
+    """train.compile: torch.compile each decoder layer in place (regional compilation: one layer's code is compiled
+    once and serves all of them; dynamic shapes, so rows of new lengths do not recompile). Checkpointing stays
+    outside the compiled code, so the OOM back-off can still switch it on."""
+    if wanted:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
+
+
 def gpu_memory_gib() -> float | None:
     """The GPU's memory in GiB (the process's first CUDA device), or None on a machine without one."""
     return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None

@@ -116,6 +116,10 @@ class TrainParams:
     kernels: Literal["auto", "liger", "none"]
     """Fused Triton kernels for RMSNorm, RoPE and SwiGLU through transformers' Liger integration (training and
     scoring). auto: liger on a CUDA machine with liger-kernel installed (requirements-gpu.txt), else none."""
+    compile: bool
+    """torch.compile each decoder layer for training (regional compilation, dynamic shapes): inductor fuses the
+    elementwise work and the step launches fewer kernels from less Python, for a one-off compile at the start of the
+    run (benchmarks/README.md: what it paid on the H200). With kernels liger, dynamo traces Liger's kernels too."""
     padding: Literal["packed", "longest", "max_length"]
     """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
     itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every

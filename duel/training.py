@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from dvclive import Live
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
@@ -194,6 +195,16 @@ class LiveStep(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.live.step = state.global_step
+
+
+class QuietLive(Live):
+    """DVCLive's Live, minus the per-step payload for DVC Studio when no Studio is configured: next_step would re-read
+    the params it logged (the ~150 TrainingArguments) and every metric file to build a payload it then drops (27 ms a
+    step on a 2-core CPU; an H200 step takes 0.3-0.5 s)."""
+
+    def post_data_to_studio(self) -> None:
+        if "data" not in self._studio_events_to_skip:
+            super().post_data_to_studio()
 
 
 def micro_batch_tokens(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:

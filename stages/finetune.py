@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from dvclive import Live
 from transformers import Trainer, set_seed
 from transformers.integrations import DVCLiveCallback
 
@@ -27,6 +26,7 @@ from duel.modeling import (
     add_lora,
     attention_implementation,
     checkpointed_layers,
+    compile_layers,
     decoder_layers,
     gpu_memory_gib,
     kernels_implementation,
@@ -40,6 +40,7 @@ from duel.telemetry import GpuSampler, Stopwatch, memory_kind, torch_memory
 from duel.training import (
     AnswerCollator,
     LiveStep,
+    QuietLive,
     ReviewDataset,
     StepTelemetry,
     answer_loss,
@@ -74,6 +75,7 @@ def main() -> None:
     kernels = kernels_implementation(params.train.kernels)
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model = add_lora(load_base_model(base, model_params, params, attention, kernels), model_params, params, largest)
+    compile_layers(model, params.train.compile)
     trainable, total_params = model.get_nb_trainable_parameters()
     print(
         f"finetune {key}: gradient checkpointing in {checkpointed_layers(model)} of {len(decoder_layers(model))} "
@@ -87,7 +89,7 @@ def main() -> None:
     start_step = int(last.name.split("-")[1]) if last else 0
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
-    live = Live(str(Path("plots") / key), dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
+    live = QuietLive(str(Path("plots") / key), dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
     collator = AnswerCollator.from_params(tokenizer.pad_token_id, params)
     token_counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -146,6 +148,7 @@ def main() -> None:
         "memory_plot": memory_kind(),
         "attention": attention,
         "kernels": kernels,
+        "compiled": params.train.compile,
         "precision": params.train.precision,
         "quantization": f"{params.quantization.quant_type}{'-dq' if params.quantization.double_quant else ''}"
         if params.quantization.enabled
@@ -172,7 +175,7 @@ def main() -> None:
     print(
         f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {train_s:.1f} s, "
         f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}, "
-        f"kernels {kernels}"
+        f"kernels {kernels}{', compiled layers' if params.train.compile else ''}"
     )
 
 

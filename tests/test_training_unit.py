@@ -287,3 +287,71 @@ def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
     assert logs["reviews_per_s"] > 0 and logs["memory_gib"] > 0
     with pytest.raises(TrainingError, match=r"train\.precision"):
         callback.on_log(args, state, control, logs={"loss": float("nan")})
+
+
+# --- train.compile -------------------------------------------------------------------------------------------------
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients():
+    """train.compile (regional torch.compile of each decoder layer, dynamic shapes) changes how the step runs, not
+    what it computes: on a tiny LoRA model and packed batches of two widths, the loss and the LoRA gradients equal
+    the eager ones, and a new row width does not compile again."""
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import LlamaForCausalLM
+
+    from duel.modeling import compile_layers, decoder_layers
+
+    torch._dynamo.reset()
+    models = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa", hidden_size=48, intermediate_size=96))
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        model = get_peft_model(base, lora).train()
+        compile_layers(model, compiled)
+        models.append(model)
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(models[1]))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(models[0]))
+
+    counters.clear()
+    for lengths in ((12, 5, 9, 3, 14, 2), (20, 7, 11)):
+        batch = tiny_batch(seed=3, lengths=lengths, padding="packed", row=40)
+        assert batch["input_ids"].shape[1] not in (48, 96)  # a width equal to a weight's size would be specialized
+        results = []
+        for model in models:
+            model.zero_grad(set_to_none=True)
+            loss = answer_loss(forward(model, batch, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
+            loss.backward()
+            grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+            results.append((loss.item(), grads))
+        (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+        assert compiled_loss == pytest.approx(eager_loss, abs=1e-5)
+        assert sum(g.abs().sum().item() for g in eager_grads) > 0
+        for ref, got in zip(eager_grads, compiled_grads, strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # One layer's code serves every layer and width; the first layer's input (from the frozen embeddings) needs no
+    # gradient, so it has a graph of its own.
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_quiet_live_skips_the_studio_payload_only(tmp_path, monkeypatch):
+    """Without a Studio configured, QuietLive writes the same metric files as DVCLive's Live but never builds the
+    per-step Studio payload (which re-reads every logged file); Live itself still builds it, so the private hook
+    QuietLive overrides is the one DVCLive calls."""
+    from dvclive import Live
+
+    from duel.training import QuietLive
+
+    monkeypatch.delenv("DVC_STUDIO_TOKEN", raising=False)
+    built = []
+    for cls in (Live, QuietLive):
+        live = cls(str(tmp_path / cls.__name__), dvcyaml=False, save_dvc_exp=False, report=None)
+        monkeypatch.setattr(live, "_get_live_data", lambda: built.append(cls.__name__) or {})
+        for step in range(3):
+            live.log_metric("train/loss", 1.0 / (step + 1))
+            live.next_step()
+        rows = (tmp_path / cls.__name__ / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+        assert len(rows) == 4  # header + 3 steps
+    assert built == ["Live"] * 3
