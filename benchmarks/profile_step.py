@@ -18,6 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sweep-steps", type=int, default=4, help="0 skips the sweep")
+    parser.add_argument("--compile", action="store_true", help="also the layers compiled (CUDA; minutes)")
+    parser.add_argument("--kernels", default="none,liger", help="the sweep's kernel sets, of none and liger")
     args = parser.parse_args()
     params = load_params()
     train = params.train
@@ -58,7 +61,7 @@ def main() -> None:
     collate = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
 
     # The profile and the first half of the sweep with the plain kernels; Liger joins for the second half.
-    attention, kernels = attention_implementation(train.attention), "none"
+    attention, kernels = attention_implementation(train.attention, train.padding == "packed"), "none"
     model = add_lora(
         load_base_model(base, params.model(args.key), params, attention, kernels), params.model(args.key), params
     )
@@ -110,8 +113,9 @@ def main() -> None:
     first = args.warmup + args.steps
     layers = len(decoder_layers(model))
     batch = train.batch_size
-    sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", variants(collate, batch, layers))
-    if cuda:  # train.compile: its one-off cost, then the same batches compiled (plain kernels: inductor fuses its own)
+    if "none" in args.kernels.split(","):
+        sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", variants(collate, batch, layers))
+    if cuda and args.compile:  # train.compile: its one-off cost, then the same batches compiled
         compile_layers(model, True)
         start = time.perf_counter()
         for _ in range(2):  # the first layer (its input needs no gradient) and the others compile separately
@@ -120,29 +124,43 @@ def main() -> None:
         compile_s = round(time.perf_counter() - start, 1)
         print(f"sweep {args.key}: compiling the layers took {compile_s} s (2 steps included)", flush=True)
         compiled = [
-            ("compiled", collate.row_tokens, batch, 0),
-            ("compiled-ckpt-all", collate.row_tokens, batch, layers),
+            Variant("compiled", collate.row_tokens, batch, 0),
+            Variant("compiled-ckpt-all", collate.row_tokens, batch, layers),
         ]
-        extra = {"compile_s": compile_s}
-        sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", compiled, extra)
+        sweep(
+            args.key, model, step, collate, first, args.sweep_steps, batch, "none", compiled, {"compile_s": compile_s}
+        )
         for layer in decoder_layers(model):
             layer._compiled_call_impl = None  # back to eager for the Liger half
-    if kernels_implementation(train.kernels) == "liger":
+    if kernels_implementation(train.kernels) == "liger" and "liger" in args.kernels.split(","):
         apply_kernels(model, "liger")
         sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "liger", variants(collate, batch, layers))
 
 
-def variants(collate: AnswerCollator, batch: int, layers: int) -> list[tuple[str, int, int, int]]:
-    """(name, row tokens, micro-batch, checkpointed layers) of each eager variant."""
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    row_tokens: int
+    micro_batch: int
+    checkpointed: int
+    attention: str | None = None  # None: the one the model was loaded with
+
+
+def variants(collate: AnswerCollator, batch: int, layers: int) -> list[Variant]:
+    """The eager variants: row length, micro-batch, checkpointed layers, and SDPA's masked attention where the
+    model's own is another (varlen)."""
+    rows = collate.row_tokens
     return [
-        ("default", collate.row_tokens, batch, 0),
-        ("rows-1024", 1024, batch, 0),
-        ("rows-4096", 4096, batch, 0),
-        ("mb8", collate.row_tokens, batch // 2, 0),
-        ("ckpt-all", collate.row_tokens, batch, layers),
-        ("ckpt-all-but-4", collate.row_tokens, batch, max(layers - 4, 0)),
-        ("ckpt-half", collate.row_tokens, batch, layers // 2),
-        ("ckpt-all-rows-1024", 1024, batch, layers),
+        Variant("default", rows, batch, 0),
+        Variant("rows-1024", 1024, batch, 0),
+        Variant("rows-4096", 4096, batch, 0),
+        Variant("mb8", rows, batch // 2, 0),
+        Variant("ckpt-all", rows, batch, layers),
+        Variant("ckpt-all-but-4", rows, batch, max(layers - 4, 0)),
+        Variant("ckpt-half", rows, batch, layers // 2),
+        Variant("ckpt-all-rows-1024", 1024, batch, layers),
+        Variant("sdpa", rows, batch, 0, "sdpa"),
+        Variant("sdpa-ckpt-all", rows, batch, layers, "sdpa"),
     ]
 
 
@@ -155,35 +173,38 @@ def sweep(
     steps: int,
     batch: int,
     kernels: str,
-    variants: list[tuple[str, int, int, int]],
+    variants: list[Variant],
     extra: dict[str, float] | None = None,
 ) -> None:
-    """Seconds per step and peak memory (on CUDA) for execution variants (name, row tokens, micro-batch,
-    checkpointed layers): each a warm-up step on batch `first`, then `steps` timed steps on the batches after it (the
-    same batches for every variant). `extra` goes into each variant's row."""
+    """Seconds per step and peak memory (on CUDA) for execution variants: each a warm-up step on batch `first`,
+    then `steps` timed steps on the batches after it (the same batches for every variant). `extra` goes into each
+    variant's row."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layers = len(decoder_layers(model))
     for _ in range(2):  # untimed: in every H200 sweep the first variant after the profiler ran slow
         step(first)
-    for name, rows, micro_batch, checkpointed in variants:
-        set_checkpointed_layers(model, checkpointed)
-        variant = AnswerCollator(collate.pad_id, collate.padding, rows)
+    loaded = model.config._attn_implementation
+    for variant in variants:
+        set_checkpointed_layers(model, variant.checkpointed)
+        model.set_attn_implementation(variant.attention or loaded)
+        rows = AnswerCollator(collate.pad_id, collate.padding, variant.row_tokens)
         try:
-            step(first, micro_batch, variant)  # warm-up: allocator and kernel choice for the new shapes
+            step(first, variant.micro_batch, rows)  # warm-up: allocator and kernel choice for the new shapes
             sync()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            tokens = sum(step(first + 1 + i, micro_batch, variant) for i in range(steps))
+            tokens = sum(step(first + 1 + i, variant.micro_batch, rows) for i in range(steps))
             sync()
             seconds = (time.perf_counter() - start) / steps
             row = {
-                "variant": name,
+                "variant": variant.name,
                 "kernels": kernels,
-                "row_tokens": rows,
-                "micro_batch": micro_batch,
-                "checkpointed_layers": checkpointed,
+                "attention": variant.attention or loaded,
+                "row_tokens": variant.row_tokens,
+                "micro_batch": variant.micro_batch,
+                "checkpointed_layers": variant.checkpointed,
                 "layers": layers,
                 "s_per_step": round(seconds, 4),
                 "reviews_per_s": round(batch / seconds, 2),
@@ -193,13 +214,14 @@ def sweep(
                 row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         except torch.OutOfMemoryError as error:
-            row = {"variant": name, "kernels": kernels, "error": str(error).splitlines()[0][:200]}
+            row = {"variant": variant.name, "kernels": kernels, "error": str(error).splitlines()[0][:200]}
         if cuda:
             torch.cuda.empty_cache()
         print(f"sweep {key}: {row}", flush=True)
         OUT.mkdir(parents=True, exist_ok=True)
         with (OUT / "results.jsonl").open("a") as f:
-            f.write(json.dumps({"kind": "sweep", "model": key, "tag": f"{kernels}/{name}", "data": row}) + "\n")
+            f.write(json.dumps({"kind": "sweep", "model": key, "tag": f"{kernels}/{variant.name}", "data": row}) + "\n")
+    model.set_attn_implementation(loaded)
 
 
 if __name__ == "__main__":

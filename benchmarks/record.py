@@ -362,7 +362,8 @@ def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], commo
             if "compile_s" in raw
             else ""
         )
-        + f"rows of {raw['row_tokens']} tokens, {checkpointed} of {raw['layers']} layers checkpointed; peak "
+        + f"attention {raw.get('attention', 'sdpa')}, rows of {raw['row_tokens']} tokens, {checkpointed} of "
+        f"{raw['layers']} layers checkpointed; peak "
         f"allocated {raw['peak_allocated_gib']} GiB; wall_s is seconds per step over {SWEEP_STEPS} steps after a "
         f"warm-up step, {batches}, outside the Trainer (no logging or telemetry)",
     )

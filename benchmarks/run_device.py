@@ -6,7 +6,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
                                                     [--parallel] [--gpu-tests] [--profile-step]
                                                     [--baseline-last] [--no-default] [--test-size N]
-                                                    [--compiled]
+                                                    [--compiled] [--sweep-kernels none,liger]
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--gpu-tests", action="store_true")
     parser.add_argument("--profile-step", action="store_true", help="benchmarks/profile_step.py after tokenize")
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
+    parser.add_argument("--sweep-kernels", help="with --profile-step: the sweep's kernel sets (none,liger)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -151,7 +152,8 @@ def main() -> None:
         write_params(key, profiles, data=data)
         timings = {name: stage(name, tag=f"{name}_{key}") for name in ("download", "tokenize")}
         if args.profile_step:
-            call([sys.executable, "benchmarks/profile_step.py", key], f"profile_{key}")
+            sweep = [] if args.sweep_kernels is None else ["--kernels", args.sweep_kernels]
+            call([sys.executable, "benchmarks/profile_step.py", key, *sweep], f"profile_{key}")
         if not args.no_default:
             timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
             emit("finetune", key, "default", json.loads(Path(f"metrics/finetune_{key}.json").read_text()))

@@ -17,12 +17,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from duel import attention
 from duel.io import atomic_dir, read_json, write_json
 from duel.params import ModelParams, Params, ParamsError, QuantizationParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VERSIONED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "dvclive", "flash-attn"]
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+attention.register()  # train.attention: varlen
 
 
 class ModelError(ValueError):
@@ -167,11 +169,20 @@ def load_tokenizer(base_dir: Path) -> Any:
     return tokenizer
 
 
-def attention_implementation(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-    return "flash_attention_2" if has_flash else "sdpa"
+def attention_implementation(requested: str, packed: bool) -> str:
+    """train.attention resolved for training on packed rows (packed true) or for batches of left-padded reviews (the
+    paper's padding, and scoring). auto: flash_attention_2 where flash-attn is installed; else, for packed rows on
+    CUDA, varlen (PyTorch's own variable-length Flash Attention, duel.attention); else sdpa. varlen asked for
+    padded batches gives sdpa."""
+    if requested == attention.VARLEN and not attention.varlen_available():
+        raise ParamsError(
+            "train.attention: varlen needs CUDA and PyTorch 2.9 or newer (torch.nn.attention.varlen); set auto or sdpa"
+        )
+    if requested == "auto":
+        if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+            return "flash_attention_2"
+        requested = attention.VARLEN if packed and attention.varlen_available() else "sdpa"
+    return "sdpa" if requested == attention.VARLEN and not packed else requested
 
 
 def quantization_config(params: QuantizationParams) -> BitsAndBytesConfig | None:

@@ -111,8 +111,10 @@ class TrainParams:
     the run's largest micro-batch fits memory_budget_gib (else the GPU's memory) without it, by a per-layer memory
     model measured on the H200 (off on the H200 without a budget, on at 16 GiB); on a CPU, on. Either way an
     out-of-memory error switches it on before the micro-batch is halved."""
-    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"]
-    """auto: flash_attention_2 when installed, else sdpa. The one used is recorded."""
+    attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"]
+    """auto: flash_attention_2 when installed; else, for packed rows on CUDA, varlen (PyTorch's own variable-length
+    Flash Attention: each packed review's causal block only, no mask); else sdpa. Scoring (left-padded batches) uses
+    sdpa where training uses varlen. The one used is recorded."""
     kernels: Literal["auto", "liger", "none"]
     """Fused Triton kernels for RMSNorm, RoPE and SwiGLU through transformers' Liger integration (training and
     scoring). auto: liger on a CUDA machine with liger-kernel installed (requirements-gpu.txt), else none."""

@@ -86,9 +86,9 @@ class AnswerCollator:
 
     padding "packed": the reviews are laid end to end in ceil(tokens / `row_tokens`) rows of about equal length
     (pack_rows); position ids restart at 0 for each, and without an attention mask transformers lets each attend to
-    itself only (its packed-sequence masks for SDPA and eager, variable-length kernels for Flash Attention 2), so no
-    padding is computed. "longest" and "max_length" left-pad one review per row to the longest in the batch or to
-    `row_tokens`.
+    itself only (its packed-sequence masks for SDPA and eager; for Flash Attention 2 and varlen, the sequences'
+    boundaries cu_seq_lens_q/k and longest length max_length_q/k, transformers' keywords), so no padding is
+    computed. "longest" and "max_length" left-pad one review per row to the longest in the batch or to `row_tokens`.
     """
 
     pad_id: int
@@ -113,6 +113,7 @@ class AnswerCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        boundaries = [0]  # where each sequence starts in the rows laid end to end, and where the last one ends
         for r, row in enumerate(rows):
             start = 0 if self.padding == "packed" else width - len(row[0])
             for seq in row:
@@ -122,10 +123,17 @@ class AnswerCollator:
                 labels[r, end - 1] = seq[-1]
                 attention_mask[r, start:end] = 1
                 start = end
-            if self.padding == "packed":
+                boundaries.append(r * width + end)
+            if self.padding == "packed" and start < width:
                 position_ids[r, start:] = torch.arange(width - start)  # the padding is a sequence of its own
+                boundaries.append((r + 1) * width)
         batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-        if self.padding != "packed":
+        if self.padding == "packed":  # for variable-length attention, in transformers' Flash Attention keywords
+            cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32)
+            longest_sequence = int(cu_seq_lens.diff().max())
+            batch |= {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens}
+            batch |= {"max_length_q": longest_sequence, "max_length_k": longest_sequence}
+        else:
             batch["attention_mask"] = attention_mask
         batch["logits_to_keep"] = answer_positions(labels)
         batch["use_cache"] = False  # with a KV cache, transformers would not look for packed sequences

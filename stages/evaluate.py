@@ -51,7 +51,7 @@ def score(model: Any, test: pd.DataFrame, answer_ids: tuple[int, int], pad_id: i
 
 def main() -> None:
     params = load_params()
-    attention = attention_implementation(params.train.attention)
+    attention = attention_implementation(params.train.attention, packed=False)
     kernels = kernels_implementation(params.train.kernels)
     results: dict[str, dict] = {}
     with atomic_dir("data/predictions") as predictions:

@@ -22,8 +22,8 @@ spec.loader.exec_module(record)
 RAW = REPO / "benchmarks" / "raw" / "2026-11-30-h200"
 SESSION2 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session2"
 SESSION3 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session3"
-# benchmarks/profile_step.py's variants, in the order it runs them
-SWEEP_VARIANTS = [
+# benchmarks/profile_step.py's variants, in the order it runs them: session 3's, then SDPA's masked attention
+SESSION3_SWEEP_VARIANTS = [
     "default",
     "rows-1024",
     "rows-4096",
@@ -33,6 +33,7 @@ SWEEP_VARIANTS = [
     "ckpt-half",
     "ckpt-all-rows-1024",
 ]
+SWEEP_VARIANTS = [*SESSION3_SWEEP_VARIANTS, "sdpa", "sdpa-ckpt-all"]
 REQUIRED = {field.name for field in dataclasses.fields(record.Record)}
 ISSUE_FIELDS = {
     "date",
@@ -204,7 +205,7 @@ def test_session3_records_and_readme(tmp_path: Path) -> None:
     # the sweep: one record per variant and kernel set, on the same batches from call 2 on
     sweeps = [r for r in session3 if r.stage == "sweep"]
     assert {r.recipe for r in sweeps if r.run.endswith("call2")} == {
-        f"{kernels}/{variant}" for kernels in ("none", "liger") for variant in SWEEP_VARIANTS
+        f"{kernels}/{variant}" for kernels in ("none", "liger") for variant in SESSION3_SWEEP_VARIANTS
     }
     assert all("the same batches for every variant" in r.note for r in sweeps if not r.run.endswith("call1"))
     assert all("each variant on the next batches" in r.note for r in sweeps if r.run.endswith("call1"))
@@ -246,7 +247,7 @@ def test_device_runner_on_cpu(tmp_path: Path) -> None:
     assert [v["variant"] for v in sweep] == SWEEP_VARIANTS  # with the plain kernels only: Liger's need CUDA
     assert {v["kernels"] for v in sweep} == {"none"}
     assert all(v["reviews_per_s"] > 0 and v["tokens_per_s"] > v["reviews_per_s"] for v in sweep)
-    assert [v["checkpointed_layers"] for v in sweep][-4:] == [2, 0, 1, 2]  # the demo's 2 layers
+    assert [v["checkpointed_layers"] for v in sweep][-6:] == [2, 0, 1, 2, 0, 2]  # the demo's 2 layers
     assert "\nprofile llama: " in (tmp_path / "out" / "log.txt").read_text()
     assert [(r["kind"], r["tag"]) for r in lines if r["kind"] != "sweep"] == [
         ("call", "argv"),

@@ -339,3 +339,28 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
         for name, grad in eager_grads.items():
             difference = (compiled_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
             assert difference < 5e-2, (name, float(difference))
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("torch.nn.attention.varlen"), reason="needs PyTorch 2.9 or newer")
+def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Params, base_dir: Path):
+    """train.attention varlen (PyTorch's variable-length Flash Attention on the collator's cu_seq_lens) against SDPA
+    on transformers' packed-sequence mask: on the 4-bit LoRA model and a packed batch, the same loss and LoRA
+    gradients up to bf16 rounding."""
+    setup = setup_for(params, RECIPES["packed"])
+    dataset = ReviewDataset(reviews_frame(), ANSWERS)
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)(list(dataset))
+    labels = batch.pop("labels").cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    results = {}
+    for attention in ("sdpa", "varlen"):
+        torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
+        model = add_lora(load_base_model(base_dir, setup.model, setup.params, attention), setup.model, setup.params)
+        assert model.config._attn_implementation == attention
+        results[attention] = loss_and_lora_grads(model, inputs, labels)
+        del model
+    (sdpa_loss, sdpa_grads), (varlen_loss, varlen_grads) = results["sdpa"], results["varlen"]
+    assert varlen_loss == pytest.approx(sdpa_loss, rel=2e-2), (sdpa_loss, varlen_loss)
+    assert sorted(varlen_grads) == sorted(sdpa_grads) and sdpa_grads
+    for name, grad in sdpa_grads.items():
+        difference = (varlen_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert difference < 5e-2, (name, float(difference))

@@ -57,6 +57,30 @@ def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> No
         modeling.kernels_implementation("liger")
 
 
+def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: flash_attention_2 where flash-attn is installed; else varlen for packed rows where PyTorch has it on
+    CUDA; else sdpa. Scoring's padded batches get sdpa for varlen; varlen without CUDA is a one-line error."""
+    from duel import attention
+
+    flash = {"flash_attn": False}
+    real_find_spec = modeling.importlib.util.find_spec
+    monkeypatch.setattr(
+        modeling.importlib.util, "find_spec", lambda name: object() if flash.get(name) else real_find_spec(name)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.attention_implementation("auto", packed=True) == "sdpa"
+    with pytest.raises(modeling.ParamsError, match=r"^train\.attention: varlen needs CUDA and PyTorch 2\.9"):
+        modeling.attention_implementation("varlen", packed=True)
+    monkeypatch.setattr(attention, "varlen_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.attention_implementation("auto", packed=True) == "varlen"
+    assert modeling.attention_implementation("auto", packed=False) == "sdpa"
+    assert modeling.attention_implementation("varlen", packed=False) == "sdpa"
+    assert modeling.attention_implementation("eager", packed=True) == "eager"
+    flash["flash_attn"] = True
+    assert modeling.attention_implementation("auto", packed=True) == "flash_attention_2"
+
+
 GIB = 2**30
 # Llama-2-7B's shape, and what the H200 measured with micro-batch 16 packed and every layer checkpointed: 4.12 GiB
 # allocated by the 4-bit model with LoRA, peak 6.98 GiB over batches of up to about 4,500 tokens.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -155,6 +156,10 @@ def test_collator_packs_reviews_end_to_end():
     answers = (batch["labels"] != IGNORE).nonzero().tolist()
     assert answers == [[0, 9], [1, 3], [1, 6]]
     assert batch["logits_to_keep"].tolist() == [2, 5, 8]
+    # The same boundaries for variable-length attention, over the two rows laid end to end (padding included).
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 10, 16, 20, 23, 32]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 10
 
 
 @pytest.mark.parametrize("row", [16, 64, 512])
@@ -348,10 +353,61 @@ def test_quiet_live_skips_the_studio_payload_only(tmp_path, monkeypatch):
     built = []
     for cls in (Live, QuietLive):
         live = cls(str(tmp_path / cls.__name__), dvcyaml=False, save_dvc_exp=False, report=None)
-        monkeypatch.setattr(live, "_get_live_data", lambda: built.append(cls.__name__) or {})
+        monkeypatch.setattr(live, "_get_live_data", lambda name=cls.__name__: built.append(name) or {})
         for step in range(3):
             live.log_metric("train/loss", 1.0 / (step + 1))
             live.next_step()
         rows = (tmp_path / cls.__name__ / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
         assert len(rows) == 4  # header + 3 steps
     assert built == ["Live"] * 3
+
+
+def reference_varlen_kernel(query, key, value, cu_seq_lens, max_length, scale):
+    """duel.attention.varlen_kernel's contract on the CPU: causal attention within each sequence, one at a time."""
+    bounds = cu_seq_lens.tolist()
+    assert max_length == max(b - a for a, b in itertools.pairwise(bounds))
+    pieces = []
+    for start, end in itertools.pairwise(bounds):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (heads, tokens, head_dim)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        pieces.append(out.transpose(0, 1))
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("row", [16, 64])
+def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tiny_model, row, monkeypatch):
+    """train.attention varlen: the model reads the collator's cu_seq_lens instead of a block-diagonal mask; with the
+    kernel's contract computed on the CPU (torch's varlen kernels are CUDA only; tests/test_gpu.py runs them), the
+    loss and every gradient equal SDPA's (and eager's) on the packed-sequence mask."""
+    from duel import attention
+
+    monkeypatch.setattr(attention, "varlen_kernel", reference_varlen_kernel)
+    batch = tiny_batch(seed=4, lengths=(12, 5, 9, 3, 14, 2), padding="packed", row=row)
+    original = tiny_model.config._attn_implementation  # sdpa or eager: both mask the packed sequences
+    results = []
+    for implementation in (original, attention.VARLEN):
+        tiny_model.set_attn_implementation(implementation)
+        tiny_model.zero_grad(set_to_none=True)
+        extra = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+        loss = answer_loss(forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"], **extra), batch["labels"])
+        loss.backward()
+        results.append((loss.item(), gradients(tiny_model)))
+    tiny_model.set_attn_implementation(original)
+    tiny_model.zero_grad(set_to_none=True)
+    (sdpa_loss, sdpa_grads), (varlen_loss, varlen_grads) = results
+    assert varlen_loss == pytest.approx(sdpa_loss, abs=1e-5)
+    for ref, got in zip(sdpa_grads, varlen_grads, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_varlen_attention_refuses_padded_batches(tiny_model):
+    from duel import attention
+
+    original = tiny_model.config._attn_implementation
+    batch = tiny_batch(seed=4, padding="longest")
+    tiny_model.set_attn_implementation(attention.VARLEN)
+    try:
+        with pytest.raises(ValueError, match=r"^train\.attention: varlen needs packed rows"):
+            forward(tiny_model, batch)
+    finally:
+        tiny_model.set_attn_implementation(original)
