@@ -55,6 +55,7 @@ TARGET_FINETUNE_RATIO = 3.0  # default recipe, reviews/s over the baseline's
 TARGET_BUDGET_GIB = 16.0
 TARGET_BUDGET_RATIO = 2.0  # under a 16 GiB budget
 TARGET_EVAL_REVIEWS_PER_S = 100.0
+JUDGED_EVAL_REVIEWS = 3000  # fewer test reviews than this: the stage's rate is mostly loading and warm-up
 TARGET_DUEL_S = 15 * 60  # both models: load, 200 steps, all 25,000 test reviews
 
 # What the raw folders do not say: how each call was run and how it ended (from the session's notes and the logs).
@@ -111,6 +112,33 @@ CALLS = {
         "time). The default fine-tune, evaluate (500 reviews, so its rate is mostly warm-up) and the baseline ended "
         "(exit 0); the budget run was cut by the limit and has no record."
     ),
+    "2026-11-30-h200-session4/call1": (
+        "Session 4, `--parallel --compiled --test-size 1000 --budget-gib 16 --budget-steps 30`: llama on GPU 0 and "
+        "deepseek on GPU 1 of one host at the same time; per model the baseline, download, tokenize, the 200-step "
+        "default fine-tune (Liger, SDPA), evaluate on 1,000 reviews, then the default again with train.compile "
+        "(kernels none, a cold inductor cache). The call was cut at the 600 s limit during the compiled runs, at "
+        "step 194 of 200 for llama and 192 for deepseek: they have no records. Their progress bars in log.txt show "
+        "the compile: the first step took 105.5 s (llama) and 116.3 s (deepseek); the steps after it took 0.49 s "
+        "each (llama, steps 2-194 in 94 s: 33 reviews/s) and 0.47 s (deepseek, steps 2-192 in 89 s: 34 reviews/s), "
+        "against 0.66 and 0.62 s a step (24.1 and 25.8 reviews/s, its first step included) for this call's eager "
+        "default. The budget runs did not start."
+    ),
+    "2026-11-30-h200-session4/call2": (
+        "Session 4, `--parallel --profile-step --sweep-kernels liger --test-size 1000 --budget-gib 16 "
+        "--budget-steps 30`, after `pytest -m gpu -k varlen` passed (1 passed): llama on GPU 0 and deepseek on GPU 1 "
+        "at the same time. Per model the baseline, download, tokenize, the sweep (Liger; varlen attention, and "
+        "SDPA's masked attention as variants), the 200-step default (Liger, varlen), evaluate on 1,000 reviews, the "
+        "16 GiB budget run (30 steps; auto then checkpointed every layer). Every stage ended (exit 0)."
+    ),
+    "2026-11-30-h200-session4/call3": (
+        "Session 4, `--parallel --gpu-tests --test-size 1000 --budget-gib 16 --budget-steps 50`: llama on GPU 0 and "
+        "deepseek on GPU 1 at the same time. Per model the baseline, download, tokenize, the 200-step default "
+        "(Liger, varlen), evaluate on 1,000 reviews, the 16 GiB budget run (50 steps; auto checkpointing the "
+        "fewest layers that fit: 28 of 32, 26 of 30). Every stage ended (exit 0). The GPU tests then ran on GPU 0: "
+        "`2 failed, 6 passed`; the compile and varlen tests failed inside dynamo on Liger's RMSNorm, which the Liger "
+        "test, run before them, had left in place of transformers' class for every later model (fixed in the tests "
+        "afterwards, not run again: the device time was spent). The varlen test had passed alone in call 2."
+    ),
 }
 
 
@@ -132,6 +160,7 @@ class Record:
     gradient_checkpointing: bool | None  # as resolved by the run (auto: off on the H200); None for evaluate rows
     checkpointed_layers: int | None  # decoder layers recomputed (session 3 on; None where not recorded)
     kernels: str | None  # liger | none: fused RMSNorm/RoPE/SwiGLU (train.kernels, session 3 on)
+    attention: str | None  # sdpa | varlen | flash_attention_2 as the run resolved it; None where not recorded
     micro_batch: int | None
     grad_accum: int | None
     max_length: int
@@ -197,6 +226,7 @@ def baseline_records(rows: list[dict[str, Any]], model: str, common: dict[str, A
                 gradient_checkpointing=row["grad_ckpt"],
                 checkpointed_layers=None,
                 kernels="none",
+                attention="sdpa",  # the baseline script's attn_implementation
                 micro_batch=row["micro_batch"],
                 grad_accum=row["accum"],
                 max_length=row["seq"],
@@ -262,6 +292,7 @@ def finetune_record(raw: dict[str, Any], tag: str, baselines: list[Record], comm
         gradient_checkpointing=checkpointing,
         checkpointed_layers=raw.get("checkpointed_layers"),
         kernels=raw.get("kernels", KERNELS_BEFORE_SESSION3),
+        attention=raw["attention"],
         micro_batch=raw["micro_batch"],
         grad_accum=raw["grad_accum"],
         max_length=MAX_LENGTH,
@@ -297,6 +328,7 @@ def evaluate_records(raw: dict[str, Any], model: str, adapter: Record, common: d
                 gradient_checkpointing=None,
                 checkpointed_layers=None,
                 kernels=m.get("kernels", KERNELS_BEFORE_SESSION3),
+                attention=None,  # evaluate's metrics do not name it
                 micro_batch=None,
                 grad_accum=None,
                 max_length=MAX_LENGTH,
@@ -342,6 +374,7 @@ def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], commo
         gradient_checkpointing=checkpointed > 0,
         checkpointed_layers=checkpointed,
         kernels=kernels,
+        attention=raw.get("attention", "sdpa"),  # session 3's sweep rows do not name it: SDPA then
         micro_batch=raw["micro_batch"],
         grad_accum=16 // raw["micro_batch"],
         max_length=MAX_LENGTH,
@@ -658,16 +691,18 @@ REPRODUCE = """\
 On a machine with two GPUs (each model on its own, with its own baseline in the same call), in one call:
 
 ```bash
-bash benchmarks/device.sh llama deepseek --parallel --budget-gib 16 --budget-steps 30 --oom-gib 8 --profile-step
+bash benchmarks/device.sh llama deepseek --parallel --budget-gib 16 --budget-steps 50 --oom-gib 8 --profile-step
 ```
 
 Per model this runs the baseline (`../shared/bench/hf_qlora_baseline.py`, copied into `.carry/`), the sweep, the
 paper-scale duel's stages (download, tokenize, 200-step default fine-tune, evaluate of all 25,000 test reviews), the
 16 GiB budget run and the 8 GiB out-of-memory back-off, then `python benchmarks/record.py` turns `$OUT` (copied
-under `benchmarks/raw/`) into records. On one GPU, drop `--parallel`: the models then run one after the other. The
-lent device here stops a call at 10 minutes, so these numbers come from several calls: the duel from
-`--parallel --baseline-last --budget-gib 0` (call 3), the rest from `--parallel --baseline-last --test-size 3000
---budget-gib 16 --budget-steps 30 --profile-step --gpu-tests` (call 2); each run's section gives its command.
+under `benchmarks/raw/`) into records. On one GPU, drop `--parallel`: the models then run one after the other.
+`--compiled` adds the default and budget runs with `train.compile` (each compiling cold). The lent device here stops
+a call at 10 minutes, so these numbers come from several calls: today's default and budget from session 4's calls 2
+and 3 (`--parallel [--profile-step --sweep-kernels liger | --gpu-tests] --test-size 1000 --budget-gib 16
+--budget-steps 30|50`), the measured duel from session 3's call 3 (`--parallel --baseline-last --budget-gib 0`, with
+SDPA attention: the duel has not run since varlen attention); each run's section gives its command.
 """
 
 MEASURED = """\
@@ -678,6 +713,16 @@ meaningless. `.whl` (the wheels) and `.carry` (the hub cache, IMDB and the basel
 machine; `benchmarks/device.sh` installs the wheels, writes gpu.csv and versions.json and runs
 `benchmarks/run_device.py` with the stages' profile `benchmarks/profiles/h200.yaml`. A device call is limited to
 10 minutes.
+
+**Session 4** (runs `2026-11-30-h200-session4/call1` to `call3`): the same runner, two GPUs of one host per call.
+The code adds `train.attention: varlen` (PyTorch's variable-length Flash Attention on the packed rows' boundaries,
+registered as a transformers attention implementation; `auto` picks it for packed training on CUDA without
+flash-attn) from call 2 on, `train.compile` (regional torch.compile of the decoder layers, off by default; call 1
+ran it cold and was cut before its two runs ended) and, for call 3, `train.gradient_checkpointing: auto` back to the
+fewest layers that fit the budget (call 2 had checkpointed all layers under 16 GiB). The default ran at 24.1 / 25.8
+reviews/s with SDPA (call 1) and at 38.2-42.5 with varlen (calls 2 and 3), against baselines of 9.6-10.4 in all
+three; those are different calls, and this CPU-bound path moves with the host (section "Stage-level levers"), so the
+share of varlen in that jump is not separated from the host's: the same-call sweep A/B of call 2 is inconclusive.
 
 **Session 3** (runs `2026-11-30-h200-session3/call1` to `call4`): the same runner. The code adds, after call 1,
 Liger's fused RMSNorm, RoPE and SwiGLU kernels (`train.kernels: auto`, through transformers' Liger integration) and
@@ -844,7 +889,13 @@ def summary(records: list[Record], estimates: list[tuple[tuple[DuelPiece, ...], 
     ]
     lines += [
         f"| evaluate: ≥ {TARGET_EVAL_REVIEWS_PER_S:g} reviews/s | {r.model} | {r.run} | {r.reviews_per_s} reviews/s "
-        f"({reviews_scored(r):,} reviews) | {met(r.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S)} |"
+        f"({reviews_scored(r):,} reviews) | "
+        + (
+            met(r.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S)
+            if reviews_scored(r) >= JUDGED_EVAL_REVIEWS
+            else "not judged: too few reviews, the rate is mostly the start-up"
+        )
+        + " |"
         for r in newest_first
         if r.stage == "evaluate" and r.recipe == "default"
     ]
@@ -1001,6 +1052,13 @@ def run_section(call: list[Record]) -> str:
 LEVERS = [
     ("Liger kernels, no checkpointing", "liger/default", "none/default", "1.05-1.10x (fewer kernel launches)"),
     ("Liger kernels, all layers checkpointed", "liger/ckpt-all", "none/ckpt-all", "1.05-1.10x"),
+    (
+        "varlen attention instead of SDPA's masked one",
+        "liger/default",
+        "liger/sdpa",
+        "1.10-1.15x (no cuDNN plan per new shape: ~50 ms of CPU a step in the profile)",
+    ),
+    ("varlen attention, all layers checkpointed", "liger/ckpt-all", "liger/sdpa-ckpt-all", "1.10-1.15x"),
     ("rows of 1,024 tokens instead of 2,048", "liger/rows-1024", "liger/default", "up to 1.08x (less attention)"),
     ("rows of 4,096 tokens instead of 2,048", "liger/rows-4096", "liger/default", "below 1x (more attention)"),
     ("micro-batch 8 x 2 instead of 16 x 1", "liger/mb8", "liger/default", "about 0.9x (twice the launches)"),
@@ -1011,33 +1069,68 @@ LEVERS = [
 
 
 def levers(records: list[Record]) -> str:
-    """The execution levers, predicted and as the newest sweep with both kernel sets measured them: seconds per
-    step of the reference / of the variant (above 1: the lever pays), per model."""
-    sweeps = [r for r in records if r.stage == "sweep" and r.kernels == "liger"]
-    if not sweeps:
+    """The execution levers, predicted and measured: per lever, the newest sweep holding both its variant and its
+    reference for every model; seconds per step of the reference / of the variant (above 1: the lever pays)."""
+    steps = {(r.run, r.model, r.recipe): r.wall_s for r in records if r.stage == "sweep"}
+    models = sorted({model for _, model, _ in steps})
+    rows = []
+    for name, variant, reference, prediction in LEVERS:
+        runs = [
+            run
+            for run in {run for run, _, _ in steps}
+            if all((run, m, recipe) in steps for m in models for recipe in (variant, reference))
+        ]
+        if not runs:
+            continue
+        run = max(runs)
+        measured = " | ".join(f"{steps[run, m, reference] / steps[run, m, variant]:.2f}x" for m in models)
+        rows.append(f"| {name} | {prediction} | {measured} | `{variant}` / `{reference}` | `{run}` |")
+    if not rows:
         return ""
-    run = max(r.run for r in sweeps)
-    steps = {(r.model, r.recipe): r.wall_s for r in records if r.stage == "sweep" and r.run == run}
-    models = sorted({model for model, _ in steps})
-    rows = [
-        f"| {name} | {prediction} | "
-        + " | ".join(f"{steps[m, reference] / steps[m, variant]:.2f}x" for m in models)
-        + f" | `{variant}` / `{reference}` |"
-        for name, variant, reference, prediction in LEVERS
-    ]
     return (
-        f"## Levers: predicted, then measured (sweep of run `{run}`)\n\n"
+        "## Levers: predicted, then measured in the sweeps\n\n"
         "Speed-up = seconds per step of the reference / of the variant, over the same 4 batches after a warm-up "
-        "step, outside the Trainer. These sweeps are noisy: 4 steps per row on a host shared with the other model's "
-        "process, the first row after the profiler (`none/default`) slow in every sweep, and the two models "
-        "disagree by up to 0.6 on the same lever. Only a lever on which both models agree settles anything: a "
-        "second micro-batch costs (0.66-0.73x), Liger pays with checkpointing on (1.20-1.34x), and checkpointing "
-        "all layers but 4 did not pay against all (0.81-0.86x), so `auto` checkpoints all layers or none. The "
-        "targets are judged on the 200-step stage runs. Measured in earlier sessions, not swept: packing (padding "
-        "share 0.41-0.45 down to 0.20, then 0.03 with balanced rows), checkpointing off, no fp32 upcast and "
-        "answer-only logits, together "
-        "1.1-2.3x (Llama-2) and 1.3-2.7x (DeepSeek) over session 1's default.\n\n"
-        + header("lever", "predicted", *models, "variant / reference")
+        "step, outside the Trainer, from the newest sweep that has both. These sweeps are noisy: 4 steps per row on "
+        "a host shared with the other model's process, the first row of a sweep often slow (`none/default` in "
+        "session 3, `liger/default` for deepseek in session 4), and the two models disagree by up to 0.6 on the "
+        "same lever. Only a lever on which both models agree settles anything, and the targets are judged on the "
+        "200-step stage runs (section \"Stage-level levers\" below). In session 3's sweep (SDPA's masked "
+        "attention): a second micro-batch cost (0.66-0.73x), Liger paid with checkpointing on (1.20-1.34x), and "
+        "checkpointing all layers but 4 did not pay against all (0.81-0.86x). In session 4's (varlen attention) "
+        "all but 4 paid against all for both models, so `auto` checkpoints the fewest layers that fit again. "
+        "Measured in earlier sessions, not swept: packing (padding share 0.41-0.45 down to 0.20, then 0.03 with "
+        "balanced rows), checkpointing off, no fp32 upcast and answer-only logits, together 1.1-2.3x (Llama-2) and "
+        "1.3-2.7x (DeepSeek) over session 1's default.\n\n"
+        + header("lever", "predicted", *models, "variant / reference", "sweep")
+        + "\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def stage_levers(records: list[Record]) -> str:
+    """The 200-step default and the 16 GiB budget runs side by side with what each ran: attention, kernels and
+    checkpointed layers, each ratio against its own call's baseline (the calls differ: so do their hosts)."""
+    rows = [
+        f"| {r.model} | {r.recipe} | {r.run} | {r.attention or '—'} | {r.kernels or '—'} | "
+        f"{'—' if r.checkpointed_layers is None else r.checkpointed_layers} | {r.steps} | {fmt(r.reviews_per_s, 3)} | "
+        f"{fmt(r.ratio_vs_baseline, 3)} | {fmt(r.peak_vram_gib)} |"
+        for r in sorted(records, key=lambda r: (r.model, r.recipe, r.run))
+        if r.stage == "finetune"
+        and (r.recipe == "default" or r.memory_budget_gib == TARGET_BUDGET_GIB)
+        and r.run >= "2026-11-30-h200-session3"
+    ]
+    if not rows:
+        return ""
+    return (
+        "## Stage-level levers\n\n"
+        "The default (200 steps) and the 16 GiB budget runs of sessions 3 and 4, with the attention, kernels and "
+        "number of checkpointed layers each ran with (`—`: not recorded). Each ratio is against the baseline of its "
+        "own call; different calls ran on different hosts, and the fast path, bound by the CPU launching kernels, "
+        "moves with the host while the baseline does not (9.4-10.4 reviews/s in every call).\n\n"
+        + header(
+            "model", "recipe", "run", "attention", "kernels", "ckpt layers", "steps", "reviews/s", "ratio", "peak GiB"
+        )
         + "\n"
         + "\n".join(rows)
         + "\n"
@@ -1084,6 +1177,7 @@ def render_readme(records: list[Record]) -> str:
         REPRODUCE,
         estimate_section(pieces, estimates),
         levers(records),
+        stage_levers(records),
         session_findings(records),
         run_to_run(records),
         MEASURED,

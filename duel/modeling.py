@@ -207,16 +207,23 @@ LIGER_CONFIG = {
 }
 
 
-def kernels_implementation(requested: str) -> str:
-    """train.kernels resolved: auto is liger on a CUDA machine where liger-kernel is installed, else none."""
+def kernels_implementation(requested: str, compiled: bool = False) -> str:
+    """train.kernels resolved: auto is liger on a CUDA machine where liger-kernel is installed, else none. For
+    compiled layers (train.compile) auto is none: inductor fuses those operations itself, and dynamo (torch 2.11)
+    fails on Liger's RMSNorm function, so liger with compile is an error."""
     installed = all(importlib.util.find_spec(name) is not None for name in ("liger_kernel", "triton"))
     if requested == "liger" and not installed:
         raise ParamsError(
             "train.kernels: liger needs the liger-kernel and triton packages (pip install -r requirements-gpu.txt); "
             "or set it to auto or none"
         )
+    if requested == "liger" and compiled:
+        raise ParamsError(
+            "train.kernels: liger cannot be compiled (dynamo fails on Liger's RMSNorm); with train.compile: true "
+            "set it to auto or none (inductor fuses those operations itself)"
+        )
     if requested == "auto":
-        return "liger" if installed and torch.cuda.is_available() else "none"
+        return "liger" if installed and torch.cuda.is_available() and not compiled else "none"
     return requested
 
 

@@ -121,7 +121,8 @@ class TrainParams:
     compile: bool
     """torch.compile each decoder layer for training (regional compilation, dynamic shapes): inductor fuses the
     elementwise work and the step launches fewer kernels from less Python, for a one-off compile at the start of the
-    run (benchmarks/README.md: what it paid on the H200). With kernels liger, dynamo traces Liger's kernels too."""
+    run (benchmarks/README.md: what it paid on the H200). kernels auto is then none (inductor fuses RMSNorm, RoPE
+    and SwiGLU itself); liger cannot be compiled."""
     padding: Literal["packed", "longest", "max_length"]
     """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
     itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every

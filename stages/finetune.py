@@ -72,7 +72,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer(base)
     attention = attention_implementation(params.train.attention, params.train.padding == "packed")
-    kernels = kernels_implementation(params.train.kernels)
+    kernels = kernels_implementation(params.train.kernels, params.train.compile)
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model = add_lora(load_base_model(base, model_params, params, attention, kernels), model_params, params, largest)
     compile_layers(model, params.train.compile)

@@ -218,7 +218,7 @@ def test_session3_records_and_readme(tmp_path: Path) -> None:
         / by_key["call2", "sweep", "llama", "liger/mb8"].wall_s
     )
     assert f"| micro-batch 8 x 2 instead of 16 x 1 | about 0.9x (twice the launches) | 0.73x | {lever:.2f}x |" in readme
-    assert "a second micro-batch costs (0.66-0.73x)" in readme and f"{lever:.2f}" == "0.66"
+    assert "a second micro-batch cost (0.66-0.73x)" in readme and f"{lever:.2f}" == "0.66"
 
 
 def test_failed_stage_is_refused(tmp_path: Path) -> None:
@@ -262,3 +262,43 @@ def test_device_runner_on_cpu(tmp_path: Path) -> None:
     assert set(stages[3]["data"]) == {"download", "tokenize", "finetune", "evaluate", "duel_wall_s"}
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "==== finetune_llama_default: exit 0" in log and "==== baseline_llama: exit" in log
+
+
+SESSION4 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session4"
+
+
+def test_session4_records_and_readme(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    for raw in (SESSION3 / "call2", *(SESSION4 / f"call{i}" for i in (1, 2, 3))):
+        record.write_records(path, record.merge_records(path, record.build_records(raw)))
+    records = record.read_records(path)
+    readme = record.render_readme(records)
+    session4 = [r for r in records if r.run.startswith("2026-11-30-h200-session4/")]
+    check_complete(session4, readme)
+    by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session4}
+
+    # call 1: SDPA; calls 2 and 3: varlen, each default against its own call's baseline
+    assert by_key["call1", "finetune", "llama", "default"].attention == "sdpa"
+    for call in ("call2", "call3"):
+        for model in ("llama", "deepseek"):
+            default = by_key[call, "finetune", model, "default"]
+            assert default.attention == "varlen" and default.kernels == "liger" and default.checkpointed_layers == 0
+            assert default.ratio_vs_baseline == round(default.reviews_per_s / default.baseline_reviews_per_s, 3)
+            assert default.ratio_vs_baseline > record.TARGET_FINETUNE_RATIO
+    assert by_key["call3", "finetune", "llama", "default"].reviews_per_s == 38.166
+    # the budget: every layer checkpointed in call 2, the fewest that fit in call 3
+    budgets = {(call, m): by_key[call, "finetune", m, "default-16gib"] for call in ("call2", "call3") for m in LAYERS}
+    assert [budgets["call2", m].checkpointed_layers for m in LAYERS] == [32, 30]
+    assert [budgets["call3", m].checkpointed_layers for m in LAYERS] == [28, 26]
+    assert all(b.peak_vram_gib < 16 and b.steps in (30, 50) for b in budgets.values())
+    # the compiled runs were cut by the call's limit: no record; the call's description says what the log shows
+    assert not [r for r in session4 if "compiled" in r.recipe]
+    assert "the first step took 105.5 s (llama) and 116.3 s (deepseek)" in readme
+    # evaluate on 1,000 reviews is not judged against the 100 reviews/s target
+    assert "| 87.21 reviews/s (1,000 reviews) | not judged" in readme
+    # the levers: the newest sweep with both rows, and the stage-level table with the attention of each run
+    assert "| varlen attention instead of SDPA's masked one |" in readme
+    assert "| llama | default | 2026-11-30-h200-session4/call3 | varlen | liger | 0 | 200 | 38.166 | 3.724 |" in readme
+
+
+LAYERS = {"llama": 32, "deepseek": 30}

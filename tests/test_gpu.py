@@ -276,8 +276,10 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(
     packed batch the loss and the LoRA gradients stay those of the plain kernels, up to bf16 rounding."""
     from transformers.models.llama import modeling_llama
 
-    # Liger replaces the module's RoPE function for every Llama in the process: undo that after this test.
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    # Liger replaces the module's RoPE function, RMSNorm and MLP classes for every Llama built afterwards in the
+    # process: undo that after this test (on the H200 the leak put Liger's RMSNorm into the later tests' models).
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     setup = setup_for(params, RECIPES["packed"])
     dataset = ReviewDataset(reviews_frame(), ANSWERS)
     batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)([dataset[i] for i in range(len(dataset))])
@@ -323,15 +325,19 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
     torch._dynamo.reset()
     counters.clear()
     results: dict[bool, list[tuple[float, dict[str, Any]]]] = {}
-    for compiled in (False, True):
-        torch.manual_seed(0)  # the same LoRA initialisation for both
-        model = add_lora(load_base_model(base_dir, setup.model, pinned, ATTENTION), setup.model, pinned)
-        compile_layers(model, compiled)
-        results[compiled] = []
-        for inputs, labels in batches:
-            model.zero_grad(set_to_none=True)
-            results[compiled].append(loss_and_lora_grads(model, inputs, labels))
-        del model
+    try:
+        for compiled in (False, True):
+            torch.manual_seed(0)  # the same LoRA initialisation for both
+            model = add_lora(load_base_model(base_dir, setup.model, pinned, ATTENTION), setup.model, pinned)
+            assert model.base_model.model.model.layers[0].input_layernorm._get_name() == "LlamaRMSNorm"
+            compile_layers(model, compiled)
+            results[compiled] = []
+            for inputs, labels in batches:
+                model.zero_grad(set_to_none=True)
+                results[compiled].append(loss_and_lora_grads(model, inputs, labels))
+            del model
+    finally:
+        torch._dynamo.reset()  # no compiled code or dynamo state left for the tests after this one
     assert not counters["graph_break"], dict(counters["graph_break"])
     for (eager_loss, eager_grads), (compiled_loss, compiled_grads) in zip(results[False], results[True], strict=True):
         assert compiled_loss == pytest.approx(eager_loss, rel=2e-2), (eager_loss, compiled_loss)

@@ -55,6 +55,10 @@ def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> No
         modeling.ParamsError, match=r"^train\.kernels: liger needs the liger-kernel and triton packages"
     ):
         modeling.kernels_implementation("liger")
+    installed["liger_kernel"] = True
+    assert modeling.kernels_implementation("auto", compiled=True) == "none"  # inductor fuses them itself
+    with pytest.raises(modeling.ParamsError, match=r"^train\.kernels: liger cannot be compiled"):
+        modeling.kernels_implementation("liger", compiled=True)
 
 
 def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
