@@ -109,7 +109,7 @@ class TrainParams:
     gradient_checkpointing: bool | Literal["auto"]
     """Recompute activations in the backward pass (less memory, about a third more compute). auto: on a GPU, in the
     fewest decoder layers that let the run's largest micro-batch fit memory_budget_gib (else the GPU's memory), by a
-    per-layer memory model measured on the H200 (none on the H200 without a budget, about 27 of 32 at 16 GiB); on a
+    per-layer memory model measured on the H200 (none on the H200 without a budget, 26-28 of 30-32 at 16 GiB); on a
     CPU, in all. Either way an out-of-memory error switches it on in all layers before the micro-batch is halved."""
     attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"]
     """auto: flash_attention_2 when installed; else, for packed rows on CUDA, varlen (PyTorch's own variable-length
