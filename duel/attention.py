@@ -19,8 +19,13 @@ VARLEN = "varlen"
 
 
 def varlen_available() -> bool:
-    """torch.nn.attention.varlen (PyTorch 2.9 on) and a CUDA device: its kernels are CUDA's Flash Attention."""
-    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    """torch.nn.attention.varlen (PyTorch 2.9 on) and a CUDA GPU its Flash Attention kernels run on: Ampere (compute
+    capability 8.0) or newer; a T4 or V100 is not."""
+    return (
+        torch.cuda.is_available()
+        and torch.cuda.get_device_capability(0)[0] >= 8
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    )
 
 
 def varlen_kernel(

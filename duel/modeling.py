@@ -176,7 +176,8 @@ def attention_implementation(requested: str, packed: bool) -> str:
     padded batches gives sdpa."""
     if requested == attention.VARLEN and not attention.varlen_available():
         raise ParamsError(
-            "train.attention: varlen needs CUDA and PyTorch 2.9 or newer (torch.nn.attention.varlen); set auto or sdpa"
+            "train.attention: varlen needs an Ampere or newer CUDA GPU and PyTorch 2.9 or newer "
+            "(torch.nn.attention.varlen); set auto or sdpa"
         )
     if requested == "auto":
         if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():

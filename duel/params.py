@@ -112,9 +112,9 @@ class TrainParams:
     per-layer memory model measured on the H200 (none on the H200 without a budget, 26-28 of 30-32 at 16 GiB); on a
     CPU, in all. Either way an out-of-memory error switches it on in all layers before the micro-batch is halved."""
     attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"]
-    """auto: flash_attention_2 when installed; else, for packed rows on CUDA, varlen (PyTorch's own variable-length
-    Flash Attention: each packed review's causal block only, no mask); else sdpa. Scoring (left-padded batches) uses
-    sdpa where training uses varlen. The one used is recorded."""
+    """auto: flash_attention_2 when installed; else, for packed rows on an Ampere or newer CUDA GPU, varlen (PyTorch's
+    own variable-length Flash Attention: each packed review's causal block only, no mask); else sdpa. Scoring
+    (left-padded batches) uses sdpa where training uses varlen. The one used is recorded."""
     kernels: Literal["auto", "liger", "none"]
     """Fused Triton kernels for RMSNorm, RoPE and SwiGLU through transformers' Liger integration (training and
     scoring). auto: liger on a CUDA machine with liger-kernel installed (requirements-gpu.txt), else none."""

@@ -73,8 +73,14 @@ def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert modeling.attention_implementation("auto", packed=True) == "sdpa"
-    with pytest.raises(modeling.ParamsError, match=r"^train\.attention: varlen needs CUDA and PyTorch 2\.9"):
+    with pytest.raises(modeling.ParamsError, match=r"^train\.attention: varlen needs an Ampere or newer CUDA GPU"):
         modeling.attention_implementation("varlen", packed=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert not attention.varlen_available()
+    assert modeling.attention_implementation("auto", packed=True) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 / H200
+    assert attention.varlen_available()
     monkeypatch.setattr(attention, "varlen_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert modeling.attention_implementation("auto", packed=True) == "varlen"
