@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from duel.attention import varlen_available
 from duel.evaluation import label_logits, predictions_frame
 from duel.io import write_json
 from duel.modeling import add_lora, load_adapter_for_inference, load_base_model
@@ -348,7 +349,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
         assert_same_loss_and_grads(eager, compiled)
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("torch.nn.attention.varlen"), reason="needs PyTorch 2.9 or newer")
+@pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")
 def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Params, base_dir: Path):
     """train.attention varlen (PyTorch's variable-length Flash Attention on the collator's cu_seq_lens) against SDPA
     on transformers' packed-sequence mask: on the 4-bit LoRA model and a packed batch, the same loss and LoRA
