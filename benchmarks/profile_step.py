@@ -113,7 +113,8 @@ def main() -> None:
     first = args.warmup + args.steps
     layers = len(decoder_layers(model))
     batch = train.batch_size
-    if "none" in args.kernels.split(","):
+    kernel_sets = args.kernels.split(",")
+    if "none" in kernel_sets:
         sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", variants(collate, batch, layers))
     if cuda and args.compile:  # train.compile: its one-off cost, then the same batches compiled
         compile_layers(model, True)
@@ -132,7 +133,7 @@ def main() -> None:
         )
         for layer in decoder_layers(model):
             layer._compiled_call_impl = None  # back to eager for the Liger half
-    if kernels_implementation(train.kernels) == "liger" and "liger" in args.kernels.split(","):
+    if kernels_implementation(train.kernels) == "liger" and "liger" in kernel_sets:
         apply_kernels(model, "liger")
         sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "liger", variants(collate, batch, layers))
 

@@ -359,6 +359,7 @@ def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], commo
     checkpointed = raw["checkpointed_layers"]
     first_version = common["run"] in SWEEP_FIRST_VERSION
     kernels = "none" if first_version else raw["kernels"]
+    attention = raw.get("attention", "sdpa")  # session 3's sweep rows do not name it: SDPA then
     batches = (
         "each variant on the next batches (this first version of the sweep), so the variants' reviews differ"
         if first_version
@@ -374,7 +375,7 @@ def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], commo
         gradient_checkpointing=checkpointed > 0,
         checkpointed_layers=checkpointed,
         kernels=kernels,
-        attention=raw.get("attention", "sdpa"),  # session 3's sweep rows do not name it: SDPA then
+        attention=attention,
         micro_batch=raw["micro_batch"],
         grad_accum=16 // raw["micro_batch"],
         max_length=MAX_LENGTH,
@@ -395,7 +396,7 @@ def sweep_record(raw: dict[str, Any], model: str, baselines: list[Record], commo
             if "compile_s" in raw
             else ""
         )
-        + f"attention {raw.get('attention', 'sdpa')}, rows of {raw['row_tokens']} tokens, {checkpointed} of "
+        + f"attention {attention}, rows of {raw['row_tokens']} tokens, {checkpointed} of "
         f"{raw['layers']} layers checkpointed; peak "
         f"allocated {raw['peak_allocated_gib']} GiB; wall_s is seconds per step over {SWEEP_STEPS} steps after a "
         f"warm-up step, {batches}, outside the Trainer (no logging or telemetry)",

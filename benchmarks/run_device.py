@@ -75,8 +75,9 @@ def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
         log.write(f"==== {tag}\n")
         log.flush()
         # Each process compiles cold (train.compile): the cost a first run pays, not a cache another run warmed.
-        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+            env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         seconds = time.perf_counter() - start
         log.write(f"{done.stdout}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
     print(f"{tag}: exit {done.returncode} in {seconds:.1f} s", flush=True)
@@ -106,11 +107,11 @@ def finetune(key: str, tag: str) -> None:
 
 
 def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argparse.Namespace) -> None:
-    write_params(key, profiles, data=data, train={"memory_budget_gib": args.budget_gib, "steps": args.budget_steps})
+    budget = {"memory_budget_gib": args.budget_gib, "steps": args.budget_steps}
+    write_params(key, profiles, data=data, train=budget)
     finetune(key, "budget")
     if args.compiled:
-        compiled = {"memory_budget_gib": args.budget_gib, "steps": args.budget_steps} | COMPILED
-        write_params(key, profiles, data=data, train=compiled)
+        write_params(key, profiles, data=data, train=budget | COMPILED)
         finetune(key, "budget-compiled")
 
 

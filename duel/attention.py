@@ -9,6 +9,7 @@ path reads; the collator computes them on the CPU) and computes each review's ow
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 from typing import Any
@@ -28,6 +29,16 @@ def varlen_available() -> bool:
     )
 
 
+@functools.cache
+def _varlen_signature() -> tuple[dict[str, Any], bool]:
+    """varlen_attn's keywords for causal attention, and whether it takes a scale: PyTorch's signature changed after
+    2.11 (is_causal became window_size, scale was added). Read once, not in every layer's call."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    accepted = inspect.signature(varlen_attn).parameters
+    return ({"is_causal": True} if "is_causal" in accepted else {"window_size": (-1, 0)}), "scale" in accepted
+
+
 def varlen_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -36,13 +47,12 @@ def varlen_kernel(
     max_length: int,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention within each sequence of (tokens, heads, head_dim) tensors; PyTorch's signature changed
-    after 2.11 (is_causal became window_size, scale was added)."""
+    """Causal attention within each sequence of (tokens, heads, head_dim) tensors."""
     from torch.nn.attention.varlen import varlen_attn
 
-    accepted = inspect.signature(varlen_attn).parameters
-    options: dict[str, Any] = {"is_causal": True} if "is_causal" in accepted else {"window_size": (-1, 0)}
-    if "scale" in accepted:
+    causal, takes_scale = _varlen_signature()
+    options: dict[str, Any] = dict(causal)
+    if takes_scale:
         options["scale"] = scale
     elif abs(scale - query.shape[-1] ** -0.5) > 1e-9:
         raise ValueError(f"attention varlen: this PyTorch's varlen_attn has no scale argument (scale {scale})")

@@ -70,12 +70,16 @@ def check_complete(records: list, readme: str) -> None:
         assert record.table_row(r) in lines
 
 
-def test_records_and_readme(tmp_path: Path) -> None:
-    path = tmp_path / "records.jsonl"
-    record.write_records(path, record.merge_records(path, record.build_records(RAW)))
-    record.write_records(path, record.merge_records(path, record.build_records(RAW)))  # a rerun replaces, not adds
+def recorded(path: Path, *raws: Path) -> tuple[list, str]:
+    """record.py's own path, folder by folder (merged into `path`), then the README from what `path` holds."""
+    for raw in raws:
+        record.write_records(path, record.merge_records(path, record.build_records(raw)))
     records = record.read_records(path)
-    readme = record.render_readme(records)
+    return records, record.render_readme(records)
+
+
+def test_records_and_readme(tmp_path: Path) -> None:
+    records, readme = recorded(tmp_path / "records.jsonl", RAW, RAW)  # a rerun replaces, not adds
 
     # 2 models x (3 baseline + default + paper + evaluate x 2 + duel) + the deepseek budget run
     assert len(records) == 17
@@ -95,11 +99,9 @@ def test_records_and_readme(tmp_path: Path) -> None:
 
 
 def test_session2_records_and_readme(tmp_path: Path) -> None:
-    path = tmp_path / "records.jsonl"
-    for raw in (RAW, SESSION2 / "call2", SESSION2 / "call3", SESSION2 / "call4", SESSION2 / "call4"):
-        record.write_records(path, record.merge_records(path, record.build_records(raw)))
-    records = record.read_records(path)
-    readme = record.render_readme(records)
+    records, readme = recorded(
+        tmp_path / "records.jsonl", RAW, SESSION2 / "call2", SESSION2 / "call3", SESSION2 / "call4", SESSION2 / "call4"
+    )
 
     # same date and GPU in every call: merged by run, session 1 stays; call4 twice replaces, not adds
     runs = [r.run for r in records]
@@ -169,11 +171,9 @@ def test_session2_records_and_readme(tmp_path: Path) -> None:
 
 
 def test_session3_records_and_readme(tmp_path: Path) -> None:
-    path = tmp_path / "records.jsonl"
-    for raw in (SESSION2 / "call4", *(SESSION3 / f"call{i}" for i in (1, 2, 3, 4))):
-        record.write_records(path, record.merge_records(path, record.build_records(raw)))
-    records = record.read_records(path)
-    readme = record.render_readme(records)
+    records, readme = recorded(
+        tmp_path / "records.jsonl", SESSION2 / "call4", *(SESSION3 / f"call{i}" for i in (1, 2, 3, 4))
+    )
     session3 = [r for r in records if r.run.startswith("2026-11-30-h200-session3/")]
     check_complete(session3, readme)
     by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session3}
@@ -268,11 +268,9 @@ SESSION4 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session4"
 
 
 def test_session4_records_and_readme(tmp_path: Path) -> None:
-    path = tmp_path / "records.jsonl"
-    for raw in (SESSION3 / "call2", *(SESSION4 / f"call{i}" for i in (1, 2, 3))):
-        record.write_records(path, record.merge_records(path, record.build_records(raw)))
-    records = record.read_records(path)
-    readme = record.render_readme(records)
+    records, readme = recorded(
+        tmp_path / "records.jsonl", SESSION3 / "call2", *(SESSION4 / f"call{i}" for i in (1, 2, 3))
+    )
     session4 = [r for r in records if r.run.startswith("2026-11-30-h200-session4/")]
     check_complete(session4, readme)
     by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session4}
