@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 OFFLINE := HF_HUB_CACHE=$(abspath $(SHARED))/hf/hub HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo paper test lint shared
+.PHONY: setup demo paper test lint shared strace
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -21,7 +21,7 @@ shared:
 
 demo: setup shared
 	-@dvc exp remove -q demo 2>/dev/null
-	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml
+	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml -S data.source=$(abspath $(SHARED))/data/imdb
 	@sed -n '/^## Quality/,/^## What/p' reports/report.md | grep '^|'
 	@echo "demo: report in reports/report.md, metrics in metrics/; 'dvc exp show' lists the experiment," \
 	      "'dvc plots show' draws the curves; 'git checkout params.yaml' returns to the paper's params"
@@ -34,5 +34,9 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: setup shared lint
+# The DAG test traces the files each stage opens with strace (in Debian's base image; installed when missing).
+strace:
+	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
+
+test: setup shared lint strace
 	$(OFFLINE) $(PY) -m pytest -q -ra

@@ -1,4 +1,4 @@
-"""Attention for packed rows without a mask: train.attention "varlen", PyTorch's own variable-length Flash Attention
+"""Attention for packed rows without a mask: execution.attention "varlen", PyTorch's own variable-length Flash Attention
 (torch.nn.attention.varlen, CUDA) registered as a transformers attention implementation (AttentionInterface).
 
 A packed row holds several reviews, each attending to itself only. SDPA gets that from a block-diagonal mask of
@@ -74,7 +74,7 @@ def varlen_attention(
     cu_seq_lens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seq_lens is None or max_length is None or attention_mask is not None:
         raise ValueError(
-            "train.attention: varlen needs packed rows (train.padding: packed); use sdpa for padded batches"
+            "execution.attention: varlen needs packed rows (execution.padding: packed); use sdpa for padded batches"
         )
     batch, heads, tokens, head_dim = query.shape
     if key.shape[1] != heads:  # grouped-query attention: one key/value head serves several query heads

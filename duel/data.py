@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from duel.errors import DataError
 from duel.params import DataParams
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-
-
-class DataError(ValueError):
-    """A data source that cannot be used; the message names it and the fix."""
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,8 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 from tqdm.auto import tqdm
 
-
-class EvaluationError(RuntimeError):
-    """Scoring cannot go on; the message says what to change."""
+from duel.errors import EvaluationError
+from duel.telemetry import GpuSampler, Stopwatch, peak_memory
 
 
 @torch.inference_mode()
@@ -93,9 +92,14 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
         "recall": round(float(recall_score(labels, predicted, zero_division=0)), 4),
         "roc_auc": round(float(roc_auc_score(labels, margin)), 4) if both_classes else None,
         "predicted_positive_share": round(float(predicted.mean()), 4),
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
         "reviews": len(labels),
     }
+
+
+def confusion(labels: np.ndarray, logits: np.ndarray) -> list[list[int]]:
+    """[[true negatives, false positives], [false negatives, true positives]]."""
+    predicted = (logits[:, 1] > logits[:, 0]).astype(int)
+    return confusion_matrix(labels, predicted, labels=[0, 1]).tolist()
 
 
 def predictions_frame(labels: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
@@ -107,3 +111,22 @@ def predictions_frame(labels: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
             "logit_positive": logits[:, 1],
         }
     )
+
+
+def score(
+    model: Any, test: pd.DataFrame, answer_ids: tuple[int, int], pad_id: int, batch_size: int, desc: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Label-word logits of every test review, and what scoring paid: time, reviews/s, memory, GPU telemetry."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sampler, watch, stats = GpuSampler().start(), Stopwatch(), {}
+    logits = label_logits(model, test, answer_ids, pad_id, batch_size, desc, stats)
+    seconds = watch.elapsed_s()
+    measured = {
+        "time_s": round(seconds, 2),
+        "reviews_per_s": round(len(test) / seconds, 2),
+        "batch_size": stats["batch_size"],
+        "oom_retries": stats["oom_retries"],
+    }
+    # Prefixed, so that no column of `dvc exp show` mixes scoring's cost with training's.
+    return logits, {f"eval_{name}": value for name, value in (measured | sampler.stop() | peak_memory()).items()}

@@ -12,9 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ParamsError(ValueError):
-    """A bad value in params.yaml; the message names the key and the fix."""
+from duel.errors import ParamsError
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,6 @@ class QuantizationParams:
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool
     """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
-    compute_dtype: Literal["bfloat16", "float16", "float32"]
-    upcast_fp32: bool
-    """Cast the weights that stay unquantized (norms, embeddings, head) to fp32, as PEFT's
-    prepare_model_for_kbit_training does (the paper's stack); off keeps them in compute_dtype (faster)."""
 
 
 @dataclass(frozen=True)
@@ -94,23 +88,48 @@ class LoraParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    """What is learned: the paper's optimisation (with quantization and lora, the experiment itself)."""
+
     steps: int
     """Optimizer steps (paper: 200)."""
     batch_size: int
-    """Reviews per optimizer step (paper: 16). What is learned depends on this, not on micro_batch."""
-    micro_batch: int
-    """Reviews per forward pass; batch_size / micro_batch passes are accumulated (paper: 1 x 16)."""
+    """Reviews per optimizer step (paper: 16). What is learned depends on this, not on execution.micro_batch."""
     learning_rate: float
     lr_scheduler: Literal["linear", "constant", "cosine"]
     warmup_steps: int
     optimizer: Literal["adamw_torch_fused", "adamw_torch", "paged_adamw_8bit"]
+    """adamw_torch_fused (paper) and adamw_torch compute the same update; paged_adamw_8bit is another optimizer."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        if self.learning_rate <= 0:
+            raise ParamsError(f"train.learning_rate: {self.learning_rate} must be > 0; the paper uses 2e-5")
+        if self.warmup_steps < 0:
+            raise ParamsError(f"train.warmup_steps: {self.warmup_steps} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ExecutionParams:
+    """How the work is executed: none of these changes what is learned beyond rounding (tests check the loss and
+    gradients of each path against the plain one); profiles/paper.yaml sets the paper's literal recipe here."""
+
+    micro_batch: int
+    """Reviews per forward pass; train.batch_size / micro_batch passes are accumulated (paper: 1 x 16)."""
     precision: Literal["bf16", "fp16", "fp32"]
     """Mixed precision of the trainable part (paper: fp16)."""
-    gradient_checkpointing: bool | Literal["auto"]
-    """Recompute activations in the backward pass (less memory, about a third more compute). auto: on a GPU, in the
-    fewest decoder layers that let the run's largest micro-batch fit memory_budget_gib (else the GPU's memory), by a
-    per-layer memory model measured on the H200 (none on the H200 without a budget, 26-28 of 30-32 at 16 GiB); on a
-    CPU, in all. Either way an out-of-memory error switches it on in all layers before the micro-batch is halved."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"]
+    """dtype of the matrix products over the 4-bit weights, and of the unquantized weights (paper: float16)."""
+    upcast_fp32: bool
+    """Cast the weights that stay unquantized (norms, embeddings, head) to fp32, as PEFT's
+    prepare_model_for_kbit_training does (the paper's stack); off keeps them in compute_dtype (faster)."""
+    padding: Literal["packed", "longest", "max_length"]
+    """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
+    itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every
+    review to data.max_length (paper)."""
+    pack_tokens: int
+    """Target row length for padding: packed: a micro-batch's reviews go into ceil(tokens / pack_tokens) rows of
+    about equal length (at least data.max_length)."""
     attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"]
     """auto: flash_attention_2 when installed; else, for packed rows on an Ampere or newer CUDA GPU, varlen (PyTorch's
     own variable-length Flash Attention: each packed review's causal block only, no mask); else sdpa. Scoring
@@ -123,78 +142,69 @@ class TrainParams:
     elementwise work and the step launches fewer kernels from less Python, for a one-off compile at the start of the
     run (benchmarks/README.md: what it paid on the H200). kernels auto is then none (inductor fuses RMSNorm, RoPE
     and SwiGLU itself); liger cannot be compiled."""
-    padding: Literal["packed", "longest", "max_length"]
-    """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
-    itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every
-    review to data.max_length (paper)."""
-    pack_tokens: int
-    """Target row length for padding: packed: a micro-batch's reviews go into ceil(tokens / pack_tokens) rows of
-    about equal length (at least data.max_length)."""
-    logging_steps: int
-    save_steps: int
-    """Checkpoint every N steps so a crashed run resumes (0: never)."""
+    gradient_checkpointing: bool | Literal["auto"]
+    """Recompute activations in the backward pass (less memory, about a third more compute). auto: on a GPU, in the
+    fewest decoder layers that let the run's largest micro-batch fit memory_budget_gib (else the GPU's memory), by a
+    per-layer memory model measured on the H200 (none on the H200 without a budget, 26-28 of 30-32 at 16 GiB); on a
+    CPU, in all. Either way an out-of-memory error switches it on in all layers before the micro-batch is halved."""
     memory_budget_gib: float | None
     """Cap on GPU memory for training (null: the whole GPU), enforced through torch's allocator."""
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "micro_batch", "logging_steps", "pack_tokens"):
-            _positive(f"train.{key}", getattr(self, key))
-        if self.learning_rate <= 0:
-            raise ParamsError(f"train.learning_rate: {self.learning_rate} must be > 0; the paper uses 2e-5")
-        if self.batch_size % self.micro_batch:
-            raise ParamsError(
-                f"train.micro_batch: {self.micro_batch} does not divide train.batch_size {self.batch_size}; "
-                "use a divisor so the effective batch stays the same"
-            )
-        if self.save_steps < 0 or self.warmup_steps < 0:
-            raise ParamsError("train.save_steps / train.warmup_steps: must be >= 0")
-
-    @property
-    def grad_accum(self) -> int:
-        """Micro-batches per optimizer step: 16 reviews / micro-batch 1 = 16 passes (paper)."""
-        return self.batch_size // self.micro_batch
-
-
-@dataclass(frozen=True)
-class EvalParams:
-    batch_size: int
-    """Test reviews per forward pass (sorted by length, so padding stays small)."""
-    zero_shot: bool
-    """Also score each base model without its adapter, on the same reviews."""
+    logging_steps: int
+    """Log the loss every N optimizer steps (paper: 10)."""
+    save_steps: int
+    """Checkpoint every N steps so a crashed run resumes (0: never)."""
+    eval_batch_size: int
+    """Test reviews per forward pass when scoring (sorted by length, so padding stays small)."""
     merge_adapter: bool | Literal["auto"]
-    """Score a copy of the base in quantization.compute_dtype (dequantized from 4 bits) with the adapter merged into
-    it: the weights training saw, without per-batch dequantization or the adapter's side path (faster; needs the
-    unquantized model's memory: 22 GiB peak for 7B at batch 64 on the H200). false: the 4-bit base with the adapter
-    beside it. auto: merge on CPUs and on GPUs of at least 40 GiB."""
+    """Score a copy of the base in compute_dtype (dequantized from 4 bits) with the adapter merged into it: the
+    weights training saw, without per-batch dequantization or the adapter's side path (faster; needs the unquantized
+    model's memory: 22 GiB peak for 7B at batch 64 on the H200). false: the 4-bit base with the adapter beside it.
+    auto: merge on CPUs and on GPUs of at least 40 GiB. The zero-shot scoring of a base model follows the same
+    choice (the dequantized or the 4-bit base)."""
 
     def __post_init__(self) -> None:
-        _positive("eval.batch_size", self.batch_size)
+        for key in ("micro_batch", "pack_tokens", "logging_steps", "eval_batch_size"):
+            _positive(f"execution.{key}", getattr(self, key))
+        if self.save_steps < 0:
+            raise ParamsError(f"execution.save_steps: {self.save_steps} must be >= 0 (0: never)")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ParamsError(f"execution.memory_budget_gib: {self.memory_budget_gib} must be > 0, or null")
+        if self.precision == "fp16" and self.compute_dtype == "bfloat16":
+            raise ParamsError(
+                "execution.precision: fp16 with execution.compute_dtype bfloat16 mixes two half types; "
+                "set execution.compute_dtype: float16 (paper) or execution.precision: bf16"
+            )
 
 
 @dataclass(frozen=True)
 class Params:
     seed: int
+    """Sampling of the data subsets, the training order, the LoRA init and random weights."""
     data: DataParams
     models: dict[str, ModelParams]
     quantization: QuantizationParams
     lora: LoraParams
     train: TrainParams
-    eval: EvalParams
+    execution: ExecutionParams
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ParamsError("models: define at least one model section (e.g. llama)")
-        if self.train.precision == "fp16" and self.quantization.compute_dtype == "bfloat16":
+        if self.train.batch_size % self.execution.micro_batch:
             raise ParamsError(
-                "train.precision: fp16 with quantization.compute_dtype bfloat16 mixes two half types; "
-                "set quantization.compute_dtype: float16 (paper) or train.precision: bf16"
+                f"execution.micro_batch: {self.execution.micro_batch} does not divide train.batch_size "
+                f"{self.train.batch_size}; use a divisor so the effective batch stays the same"
+            )
+        if self.execution.padding == "packed" and self.execution.pack_tokens < self.data.max_length:
+            raise ParamsError(
+                f"execution.pack_tokens: {self.execution.pack_tokens} is shorter than data.max_length "
+                f"{self.data.max_length}; a row must hold the longest review, so raise it"
             )
 
-        if self.train.padding == "packed" and self.train.pack_tokens < self.data.max_length:
-            raise ParamsError(
-                f"train.pack_tokens: {self.train.pack_tokens} is shorter than data.max_length {self.data.max_length}; "
-                "a row must hold the longest review, so raise it"
-            )
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step: 16 reviews / micro-batch 1 = 16 passes (paper)."""
+        return self.train.batch_size // self.execution.micro_batch
 
     def model(self, key: str) -> ModelParams:
         if key not in self.models:

@@ -1,15 +1,19 @@
 """Run a committed profile of overrides (profiles/*.yaml) as a named DVC experiment:
 
-    python -m duel.profile profiles/demo.yaml              # = dvc exp run -n demo -S data.source=... -S ...
-    python -m duel.profile profiles/demo.yaml --print      # show that command without running it
+    python -m duel.profile profiles/demo.yaml                      # = dvc exp run -n demo -S data.source=... -S ...
+    python -m duel.profile profiles/demo.yaml -S data.test_size=800  # more overrides, in DVC's -S form
+    python -m duel.profile profiles/demo.yaml --print              # show that command without running it
 
-Every override is checked against params.yaml first: a key that params.yaml lacks is an error, not a new param.
+Every override is checked against params.yaml first: a key that params.yaml lacks is an error, not a new param. A
+relative local path (data.source, models.*.checkpoint starting with ./ or ../) is made absolute from the folder the
+profile runs in, so the experiment also runs where DVC runs queued experiments (a copy in .dvc/tmp/exps/).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -59,9 +63,42 @@ def override_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def set_param_args(profile: Path, params_file: Path = Path("params.yaml")) -> list[str]:
+def overlay(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's tree with a profile's overrides laid over it (the one way profiles, the benchmark runner and the
+    tests change params)."""
+    return apply(base, flatten(base, profile))
+
+
+PATH_PARAMS = re.compile(r"data\.source|models\.[^.]+\.checkpoint")
+
+
+def absolute_paths(flat: dict[str, Any]) -> dict[str, Any]:
+    """Relative local paths made absolute from the current folder (see the module's docstring)."""
+    return {
+        name: str(Path(value).resolve())
+        if PATH_PARAMS.fullmatch(name) and isinstance(value, str) and value.startswith(("./", "../"))
+        else value
+        for name, value in flat.items()
+    }
+
+
+def extra_overrides(args: list[str]) -> dict[str, Any]:
+    """`-S key=value` pairs from the command line, the value read as YAML (as DVC reads it)."""
+    flat = {}
+    for flag, pair in zip(args[::2], args[1::2], strict=True):
+        if flag != "-S" or "=" not in pair:
+            raise ParamsError(f"{flag} {pair}: expected -S key=value")
+        name, value = pair.split("=", 1)
+        flat[name] = yaml.safe_load(value)
+    return flat
+
+
+def set_param_args(
+    profile: Path, extra: dict[str, Any] | None = None, params_file: Path = Path("params.yaml")
+) -> list[str]:
     base = yaml.safe_load(params_file.read_text())
     flat = flatten(base, yaml.safe_load(profile.read_text()) or {})
+    flat = absolute_paths(flat | flatten(base, unflatten(extra or {})))
     parse_params(apply(base, flat))  # fail here, before DVC runs anything
     args = []
     for name, value in flat.items():
@@ -71,11 +108,23 @@ def set_param_args(profile: Path, params_file: Path = Path("params.yaml")) -> li
     return args
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def main() -> None:
-    profile = Path(sys.argv[1])
+    profile, rest = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--print"]
     try:
-        command = ["dvc", "exp", "run", "-n", profile.stem, *set_param_args(profile)]
-    except (ParamsError, OSError) as err:
+        command = ["dvc", "exp", "run", "-n", profile.stem, *set_param_args(profile, extra_overrides(rest))]
+    except (ParamsError, OSError, ValueError) as err:
         print(f"error: {profile}: {err}", file=sys.stderr)
         sys.exit(1)
     print(" ".join(shlex.quote(a) for a in command), flush=True)

@@ -8,11 +8,8 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
+from duel.errors import PromptError
 from duel.params import DataParams
-
-
-class PromptError(ValueError):
-    """The prompt or verbalizer does not work with a tokenizer."""
 
 
 @dataclass(frozen=True)

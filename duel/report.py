@@ -59,7 +59,7 @@ def quality_table(evaluate: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             claimed = variant == "finetuned"
             rows.append(
                 f"| {key} | {variant} | {fmt(m['accuracy'])} | {fmt(m['f1'])} | {fmt(m['precision'])} | "
-                f"{fmt(m['recall'])} | {fmt(m['roc_auc'])} | {fmt(m['reviews_per_s'], 1)} | "
+                f"{fmt(m['recall'])} | {fmt(m['roc_auc'])} | {fmt(m['eval_reviews_per_s'], 1)} | "
                 f"{fmt(paper.get('accuracy')) if claimed else ''} | {fmt(paper.get('f1')) if claimed else ''} |"
             )
     return rows
@@ -72,9 +72,8 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, m in finetune.items():
-        how = f"micro-batch {m['micro_batch']} x {m['grad_accum']}, {m.get('padding', 'n/a')}, checkpointing " + (
-            "on" if m.get("gradient_checkpointing") else "off"
-        )
+        how = f"micro-batch {m['micro_batch']} x {m['grad_accum']}, {m['padding']}"
+        how += f", checkpointing {m['gradient_checkpointing']}"
         if m.get("oom_retries"):
             how += f", {m['oom_retries']} OOM back-off(s)"
         rows.append(

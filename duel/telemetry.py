@@ -8,6 +8,8 @@ Definitions (all per process, on the process's current CUDA device):
 - gpu_util_mean_pct: mean of NVML's utilization.gpu samples (share of time a kernel was running).
 - energy_j: difference of NVML's total energy counter (millijoules since driver load) over the measured span.
 On a machine without a GPU every one of these is null.
+- peak_memory_gib: peak_vram_reserved_gib on a GPU, the process's peak resident memory (RSS) on a CPU: the one
+  memory figure every run has.
 """
 
 from __future__ import annotations
@@ -97,6 +99,17 @@ def torch_memory() -> dict[str, float | None]:
         "peak_vram_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
         "peak_vram_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
     }
+
+
+def peak_memory() -> dict[str, float | None]:
+    """peak_memory_gib, the one memory figure on every machine (torch's peak reserved VRAM on a GPU, the process's
+    peak RSS on a CPU), with torch's allocated and reserved peaks (null without a GPU)."""
+    torch_peaks = torch_memory()
+    if torch.cuda.is_available():
+        peak = torch_peaks["peak_vram_reserved_gib"]
+    else:
+        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)  # Linux reports KiB
+    return {"peak_memory_gib": peak, **torch_peaks}
 
 
 def memory_now_gib() -> float:

@@ -20,14 +20,11 @@ from dvclive import Live
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from duel.errors import TrainingError
 from duel.params import Params
 from duel.telemetry import memory_now_gib
 
 IGNORE = -100
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says what happened and what to change."""
 
 
 def training_order(lengths: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -97,9 +94,10 @@ class AnswerCollator:
 
     @classmethod
     def from_params(cls, pad_id: int, params: Params) -> AnswerCollator:
-        """train.padding with its row length: pack_tokens when packed, else data.max_length."""
-        packed = params.train.padding == "packed"
-        return cls(pad_id, params.train.padding, params.train.pack_tokens if packed else params.data.max_length)
+        """execution.padding with its row length: pack_tokens when packed, else data.max_length."""
+        execution = params.execution
+        packed = execution.padding == "packed"
+        return cls(pad_id, execution.padding, execution.pack_tokens if packed else params.data.max_length)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [f["input_ids"] + [f["answer_id"]] for f in features]
@@ -179,7 +177,7 @@ class StepTelemetry(TrainerCallback):
         if not math.isfinite(logs["loss"]):
             raise TrainingError(
                 f"train: loss is {logs['loss']} at step {state.global_step}; the likely cause is fp16 overflow: "
-                "set train.precision: bf16 (or lower train.learning_rate)"
+                "set execution.precision: bf16 (or lower train.learning_rate)"
             )
         now = time.perf_counter()
         steps = slice(self.last_step, state.global_step)
@@ -217,14 +215,14 @@ class QuietLive(Live):
 
 def micro_batch_tokens(lengths: np.ndarray, order: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
     """Real tokens (prompt + answer) and tokens computed, padding included, per micro-batch, in training order."""
-    train = params.train
-    seq = (lengths[order] + 1).reshape(-1, train.micro_batch)
-    if train.padding == "max_length":
-        computed = np.full(len(seq), params.data.max_length * train.micro_batch)
-    elif train.padding == "longest":
-        computed = -(-seq.max(axis=1) // 8) * 8 * train.micro_batch
+    execution = params.execution
+    seq = (lengths[order] + 1).reshape(-1, execution.micro_batch)
+    if execution.padding == "max_length":
+        computed = np.full(len(seq), params.data.max_length * execution.micro_batch)
+    elif execution.padding == "longest":
+        computed = -(-seq.max(axis=1) // 8) * 8 * execution.micro_batch
     else:
-        computed = np.array([_packed_size(micro.tolist(), train.pack_tokens) for micro in seq])
+        computed = np.array([_packed_size(micro.tolist(), execution.pack_tokens) for micro in seq])
     return seq.sum(axis=1), computed
 
 
@@ -240,23 +238,23 @@ def _packed_size(lengths: list[int], row_tokens: int) -> int:
 
 
 def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
-    train = params.train
+    train, execution = params.train, params.execution
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=train.steps,
-        per_device_train_batch_size=train.micro_batch,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=execution.micro_batch,
+        gradient_accumulation_steps=params.grad_accum,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps,
         optim=train.optimizer,
-        bf16=train.precision == "bf16",
-        fp16=train.precision == "fp16",
+        bf16=execution.precision == "bf16",
+        fp16=execution.precision == "fp16",
         gradient_checkpointing=False,  # switched on by the model setup, with use_reentrant=False
-        logging_steps=train.logging_steps,
+        logging_steps=execution.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if train.save_steps else "no",
-        save_steps=train.save_steps or 500,
+        save_strategy="steps" if execution.save_steps else "no",
+        save_steps=execution.save_steps or 500,
         save_total_limit=1,
         seed=params.seed,
         data_seed=params.seed,
@@ -269,7 +267,7 @@ def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
 
 
 def with_micro_batch(params: Params, micro_batch: int) -> Params:
-    return dataclasses.replace(params, train=dataclasses.replace(params.train, micro_batch=micro_batch))
+    return dataclasses.replace(params, execution=dataclasses.replace(params.execution, micro_batch=micro_batch))
 
 
 @dataclass
@@ -308,7 +306,8 @@ def train_with_backoff(
         if micro_batch == 1 and not checkpointing_was_off:
             raise TrainingError(
                 f"train: out of GPU memory at micro-batch 1 (step {step + 1}); lower data.max_length, set "
-                "train.gradient_checkpointing: true and quantization.enabled: true, or raise train.memory_budget_gib"
+                "execution.gradient_checkpointing: true and quantization.enabled: true, or raise "
+                "execution.memory_budget_gib"
             )
         trainer.model.zero_grad(set_to_none=True)
         gc.collect()
@@ -322,3 +321,37 @@ def train_with_backoff(
         retries += 1
         change = "gradient checkpointing on" if checkpointing_was_off else f"micro-batch {micro_batch}"
         print(f"train: out of GPU memory at step {step + 1}; going on from step {step} with {change}")
+
+
+def last_checkpoint(folder: Path) -> tuple[Path | None, int]:
+    """The newest complete Trainer checkpoint in `folder` and its step, or (None, 0). trainer_state.json is the last
+    file the Trainer writes: a folder without it is a save cut short by a crash."""
+    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    last = max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return last, int(last.name.split("-")[1]) if last else 0
+
+
+def loss_summary(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """Last logged loss and the mean over all steps. Each logged loss is the mean over the steps since the previous
+    log; the log history survives a resume (the Trainer's own training_loss covers only the steps this process ran)."""
+    logged = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    losses = [loss for _, loss in logged]
+    windows = np.diff([0] + [step for step, _ in logged])
+    return {
+        "final_loss": round(losses[-1], 4),
+        "train_loss_mean": round(float(np.dot(windows, losses) / windows.sum()), 4),
+    }
+
+
+def throughput(
+    params: Params, start_step: int, seconds: float, real_tokens: np.ndarray, padded_tokens: np.ndarray
+) -> dict[str, float]:
+    """Reviews and tokens per second over the steps this process ran (after a resume, only those were timed)."""
+    timed = slice(start_step, None)
+    return {
+        "train_time_s": round(seconds, 2),
+        "reviews_per_s": round((params.train.steps - start_step) * params.train.batch_size / seconds, 3),
+        "tokens_per_s": round(float(real_tokens[timed].sum()) / seconds, 1),
+        "padded_tokens_per_s": round(float(padded_tokens[timed].sum()) / seconds, 1),
+        "padding_share": round(1 - float(real_tokens.sum()) / float(padded_tokens.sum()), 4),
+    }

@@ -1,9 +1,10 @@
-"""Stage download: IMDB subsets and the models, resolved so that no later stage touches the network.
+"""Stage download: the IMDB subsets the duel trains and tests on, from data.source, so that no later stage touches
+the network for data.
 
     python -m stages.download        (run by `dvc repro`)
 
-Reads params: seed, data, models. Writes data/train.parquet, data/test.parquet, metrics/data.json and
-models/base/<key>/ (tokenizer, config, model.json; the weights too when init is random).
+Reads params: seed, data.source, data.source_sha256, data.train_size, data.test_size. Reads data.source (a hub data
+set, a URL, or a local folder). Writes data/train.parquet, data/test.parquet and metrics/data.json.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from pathlib import Path
 from duel import cli
 from duel.data import check_schema, label_balance, read_source, stratified_sample
 from duel.io import write_json, write_parquet
-from duel.modeling import resolve_model
 from duel.params import load_params
 
 
 def main() -> None:
     params = load_params()
-    cache = Path(".cache/download")
+    cache = Path(".cache/download")  # a downloaded tarball, kept between runs
     cache.mkdir(parents=True, exist_ok=True)
 
     splits = read_source(params.data, cache)
@@ -32,31 +32,26 @@ def main() -> None:
     train_subset = stratified_sample(train, params.data.train_size, params.seed, "data.train_size")
     test_subset = stratified_sample(test, params.data.test_size, params.seed, "data.test_size")
 
-    models = {
-        key: resolve_model(key, model, params.seed, Path("models/base") / key) for key, model in params.models.items()
-    }
-
     write_parquet("data/train.parquet", train_subset)
     write_parquet("data/test.parquet", test_subset)
     write_json(
         "metrics/data.json",
         {
-            "source": params.data.source,
-            "source_kind": splits.source_kind,
-            "source_sha256": splits.source_sha256,
-            "source_reviews": {"train": len(splits.train), "test": len(splits.test)},
-            "train_reviews_also_in_test": int(in_test.sum()),
-            "train": {"reviews": len(train_subset), "labels": label_balance(train_subset)},
-            "test": {"reviews": len(test_subset), "labels": label_balance(test_subset)},
-            "models": {
-                key: {k: info[k] for k in ("source", "checkpoint", "revision", "num_parameters")}
-                for key, info in models.items()
-            },
+            "reviews": {
+                "source": {"train": len(splits.train), "test": len(splits.test)},
+                "train_also_in_test": int(in_test.sum()),
+                "train": {"count": len(train_subset), "labels": label_balance(train_subset)},
+                "test": {"count": len(test_subset), "labels": label_balance(test_subset)},
+            }
         },
+    )
+    write_json(
+        "data/source.json",
+        {"source": params.data.source, "source_kind": splits.source_kind, "source_sha256": splits.source_sha256},
     )
     print(
         f"download: {len(train_subset)} train / {len(test_subset)} test reviews from {params.data.source}; "
-        f"{int(in_test.sum())} train reviews also in test were left out; models: {', '.join(models)}"
+        f"{int(in_test.sum())} train reviews also in test were left out"
     )
 
 

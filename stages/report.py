@@ -3,7 +3,8 @@ quality beside the zero-shot baselines and the paper's reported numbers, the har
 
     python -m stages.report          (run by `dvc repro`)
 
-Reads metrics/*.json, plots/<key>/ (DVCLive series), models/base/<key>/model.json. Writes reports/.
+Reads all params (the report prints the resolved configuration), metrics/*.json, data/source.json, plots/<key>/
+(DVCLive series) and models/adapters/<key>/training.json (how each fine-tune ran, on which base model). Writes reports/.
 """
 
 from __future__ import annotations
@@ -21,18 +22,25 @@ from duel.report import hardware_table, line_figure, quality_table, read_series
 def main() -> None:
     params = load_params()
     keys = list(params.models)
-    finetune = {key: read_json(f"metrics/finetune_{key}.json") for key in keys}
-    evaluate = read_json("metrics/evaluate.json")
-    data = read_json("metrics/data.json")
+    # How each fine-tune ran (device, attention, padding...) is kept beside its adapter; its numbers are metrics.
+    finetune = {
+        key: read_json(f"metrics/finetune_{key}.json")[key]
+        | read_json(Path("models/adapters") / key / "training.json")["run"]
+        for key in keys
+    }
+    finetuned = read_json("metrics/evaluate.json")
+    zero_shot = {key: read_json(f"metrics/zero_shot_{key}.json")[key]["zero_shot"] for key in keys}
+    evaluate = {key: {"finetuned": finetuned[key], "zero_shot": zero_shot[key]} for key in keys}
+    reviews, source = read_json("metrics/data.json")["reviews"], read_json("data/source.json")
     tokenize = read_json("metrics/tokenize.json")
-    bases = {key: read_json(Path("models/base") / key / "model.json") for key in keys}
+    bases = {key: read_json(Path("models/adapters") / key / "training.json")["base"] for key in keys}
 
     with atomic_dir("reports") as out:
         (out / "figures").mkdir()
         loss = {key: s for key in keys if (s := read_series(Path("plots") / key, "loss")) is not None}
         memory = {key: s for key in keys if (s := read_series(Path("plots") / key, "memory_gib")) is not None}
         line_figure(loss, "loss", "answer-token cross-entropy", "Training loss", out / "figures" / "loss.png")
-        kind = "VRAM reserved by torch" if finetune[keys[0]]["memory_plot"] == "cuda_reserved" else "CPU peak RSS"
+        kind = "VRAM reserved by torch" if finetune[keys[0]]["memory"] == "cuda_reserved" else "CPU peak RSS"
         line_figure(memory, "memory_gib", f"GiB ({kind})", "Memory during training", out / "figures" / "memory.png")
 
         lines = ["# Fine-tuning duel: report", ""]
@@ -50,8 +58,8 @@ def main() -> None:
         lines += [
             "## Quality on the test reviews",
             "",
-            f"{data['test']['reviews']} test reviews ({data['test']['labels']} per label), "
-            f"{data['train']['reviews']} training reviews; scored by the logits of "
+            f"{reviews['test']['count']} test reviews ({reviews['test']['labels']} per label), "
+            f"{reviews['train']['count']} training reviews; scored by the logits of "
             f"{params.data.label_words} at the answer position. The paper's numbers are its claims, "
             "quoted for comparison, not reproduced by this run.",
             "",
@@ -63,13 +71,13 @@ def main() -> None:
         lines += [
             "## Data",
             "",
-            f"Source `{data['source']}` ({data['source_kind']}, SHA-256 "
-            f"`{data['source_sha256'][:16]}…`); {data['train_reviews_also_in_test']} training reviews that "
+            f"Source `{source['source']}` ({source['source_kind']}, SHA-256 "
+            f"`{source['source_sha256'][:16]}…`); {reviews['train_also_in_test']} training reviews that "
             "also appear in the test split were kept out of training.",
             "",
         ]
         for key in keys:
-            t = tokenize[key]["test"]
+            t = tokenize[key]["prompt_tokens"]["test"]
             lines.append(
                 f"- {key}: test prompts {t['tokens_mean']} tokens on average (p95 {t['tokens_p95']}), "
                 f"{t['truncated_share']:.1%} cut to {params.data.max_length} tokens; attention "

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from duel import cli
+from duel.hub import load_tokenizer, model_info
 from duel.io import atomic_dir, write_json
-from duel.modeling import load_tokenizer, model_info
 from duel.params import ParamsError, load_params
 from duel.prompts import tokenize_split, verbalizer
 
@@ -33,7 +33,7 @@ def main() -> None:
         if params.data.max_length > positions:
             raise ParamsError(f"data.max_length: {params.data.max_length} exceeds models.{key}'s {positions} positions")
         answer = verbalizer(tokenizer, params.data, key)
-        report[key] = {"label_token_ids": list(answer.token_ids)}
+        report[key] = {}
         with atomic_dir(Path("data/tokenized") / key) as tmp:
             write_json(
                 tmp / "verbalizer.json", {"label_words": params.data.label_words, "token_ids": list(answer.token_ids)}
@@ -41,8 +41,9 @@ def main() -> None:
             for name, frame in splits.items():
                 tokens, stats = tokenize_split(frame, tokenizer, params.data)
                 tokens.to_parquet(tmp / f"{name}.parquet", index=False)
-                report[key][name] = stats
-        print(f"tokenize {key}: train {report[key]['train']}; test {report[key]['test']}")
+                report[key].setdefault("prompt_tokens", {})[name] = stats
+        counts = report[key]["prompt_tokens"]
+        print(f"tokenize {key}: train {counts['train']}; test {counts['test']}")
     write_json("metrics/tokenize.json", report)
 
 

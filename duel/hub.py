@@ -1,0 +1,157 @@
+"""Models resolved so that no later stage touches the network: hub checkpoints pinned to a commit (the weights stay
+in the Hugging Face cache), or seeded random weights built from the real config; the tokenizer as the checkpoint
+ships it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from duel.errors import ModelError
+from duel.io import atomic_dir, read_json, write_json
+from duel.params import ModelParams
+
+VERSIONED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "dvclive", "flash-attn"]
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    found["cuda"] = torch.version.cuda
+    found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return found
+
+
+def _hub_call(key: str, model: ModelParams, fn: Any, **kwargs: Any) -> Any:
+    """Call a hub-backed loader and turn its many failure types into one line naming the model and the fix."""
+    try:
+        return fn(model.checkpoint, revision=model.revision, trust_remote_code=model.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(model.checkpoint).exists():
+            raise ModelError(f"models.{key}.checkpoint: cannot load {model.checkpoint} ({err})") from None
+        raise
+
+
+def _check_on_hub(key: str, model: ModelParams) -> None:
+    """Fetch the checkpoint's config.json (from the cache when offline) through the hub client, whose errors say
+    what is wrong; transformers' loaders re-raise them as generic errors, or, for tokenizers, go on without files."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"models.{key}.checkpoint: {model.checkpoint!r}"
+    try:
+        hf_hub_download(model.checkpoint, "config.json", revision=model.revision)
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise ModelError(f"{name} is gated; accept its licence on the hub and export HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{name} does not exist on the hub (or is private: export HF_TOKEN); check the id") from None
+    except RevisionNotFoundError:
+        raise ModelError(
+            f"models.{key}.revision: {model.revision!r} is not a branch, tag or commit of {model.checkpoint}"
+        ) from None
+    except LocalEntryNotFoundError as err:
+        raise ModelError(
+            f"{name} is not reachable on the hub and not in the cache ({type(err.__cause__ or err).__name__}); to run "
+            "offline set HF_HUB_OFFLINE=1 and HF_HUB_CACHE to a cache that holds it, or use a local folder"
+        ) from None
+    except ValueError as err:  # an id that is not of the form org/name
+        raise ModelError(f"{name} is not a hub id nor a local folder ({str(err).splitlines()[0]})") from None
+
+
+def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Write models/base/<key>/: tokenizer, config and model.json; the weights too when init is random.
+
+    Pretrained weights stay in the Hugging Face cache (13 GB does not belong in the DVC cache): model.json pins the
+    resolved commit so later stages load exactly those files, offline.
+    """
+    # The checkpoint's tokenizer.json as it is: transformers 5's AutoTokenizer maps DeepSeek-LLM's
+    # "LlamaTokenizerFast" class onto Llama's Metaspace pre-tokenizer, which drops every space of its byte-level BPE
+    # ("Hello world" -> "H", "ellow", "orld"). Loading the file directly keeps Llama-2's tokens unchanged too.
+    if not Path(model.checkpoint).is_dir():
+        _check_on_hub(key, model)
+    tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained)
+    config = _hub_call(key, model, AutoConfig.from_pretrained)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        if model.init == "random":
+            for field, value in model.overrides.items():
+                if not hasattr(config, field):
+                    raise ModelError(f"models.{key}.overrides.{field}: not a field of {type(config).__name__}")
+                setattr(config, field, value)
+            built = _random_model(config, seed)
+            built.save_pretrained(tmp, safe_serialization=True)
+            info = {
+                "source": "random",
+                "path": str(out_dir),
+                "revision": None,
+                "seed": seed,
+                "num_parameters": built.num_parameters(),
+            }
+        else:
+            from huggingface_hub import snapshot_download
+
+            if Path(model.checkpoint).is_dir():
+                path, commit = str(Path(model.checkpoint).resolve()), None
+            else:
+                path = _hub_call(key, model, _snapshot, snapshot_download=snapshot_download)
+                commit = Path(path).name
+            config.save_pretrained(tmp)
+            info = {"source": "pretrained", "path": path, "revision": commit, "seed": None, "num_parameters": None}
+        info |= {
+            "key": key,
+            "checkpoint": model.checkpoint,
+            "requested_revision": model.revision,
+            "architecture": config.architectures,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings,
+        }
+        write_json(tmp / "model.json", info)
+    return info
+
+
+def _random_model(config: Any, seed: int) -> PreTrainedModel:
+    """Seeded random bf16 weights, built on the GPU where they fit (initialising 7B weights on a CPU takes minutes;
+    in bf16 they take 13.5 GB, more than some GPUs have), else on the CPU. The seed fixes the weights for a given
+    device kind; a GPU build and a CPU build differ."""
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+        try:
+            with torch.device("cuda"):
+                return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        except torch.OutOfMemoryError:
+            print("download: the random weights do not fit on the GPU; building them on the CPU (slower)")
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def _snapshot(repo_id: str, revision: str, trust_remote_code: bool, snapshot_download: Any) -> str:
+    # Only safetensors weights are fetched: pickled .bin files can run code when loaded.
+    return snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS)
+
+
+def model_info(base_dir: Path) -> dict[str, Any]:
+    return read_json(base_dir / "model.json")
+
+
+def load_tokenizer(base_dir: Path) -> Any:
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)  # tokenizer.json as saved (see resolve_model)
+    if tokenizer.pad_token_id is None:  # Llama-2 has none; pad positions are masked, so any id works
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
