@@ -1,302 +1,250 @@
-"""benchmarks/record.py on the committed raw H200 folders: complete records, consistent ratios, a README row each, and
-the composed duel estimate equal to the sum of its parts."""
+"""benchmarks/record.py run as a script, in a copy of benchmarks/ made here, on call folders made here as
+benchmarks/device.sh and benchmarks/run_device.py write them: the records it writes and the README tables it renders
+from them."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-import pytest
-from conftest import REPO
-from project_copy import copy_sources, stage_env
-
-spec = importlib.util.spec_from_file_location("record", REPO / "benchmarks" / "record.py")
-record = importlib.util.module_from_spec(spec)
-sys.modules["record"] = record  # dataclasses look their module up there
-spec.loader.exec_module(record)
-
-RAW = REPO / "benchmarks" / "raw" / "2026-11-30-h200"
-SESSION2 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session2"
-SESSION3 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session3"
-# benchmarks/profile_step.py's variants, in the order it runs them: session 3's, then SDPA's masked attention
-SESSION3_SWEEP_VARIANTS = [
-    "default",
-    "rows-1024",
-    "rows-4096",
-    "mb8",
-    "ckpt-all",
-    "ckpt-all-but-4",
-    "ckpt-half",
-    "ckpt-all-rows-1024",
-]
-SWEEP_VARIANTS = [*SESSION3_SWEEP_VARIANTS, "sdpa", "sdpa-ckpt-all"]
-REQUIRED = {field.name for field in dataclasses.fields(record.Record)}
-ISSUE_FIELDS = {
-    "date",
-    "gpu",
-    "stage",
-    "model",
-    "recipe",
-    "quantization",
-    "memory_budget_gib",
-    "micro_batch",
-    "grad_accum",
-    "max_length",
-    "steps",
-    "wall_s",
-    "reviews_per_s",
-    "tokens_per_s",
-    "peak_vram_gib",
-    "nvml_peak_gib",
-    "energy_j_per_step",
-    "mfu",
-    "baseline_reviews_per_s",
-    "ratio_vs_baseline",
-    "versions",
-}
+REPO = Path(__file__).resolve().parents[1]
+TOTAL_PARAMETERS = 6_738_415_616
+VERSIONS = {"torch": "2.11.0", "cuda": "13.0", "transformers": "5.17.0", "peft": "0.21.0", "bitsandbytes": "0.50.2"}
 
 
-def check_complete(records: list, readme: str) -> None:
-    lines = readme.splitlines()
-    for r in records:
-        assert set(dataclasses.asdict(r)) == REQUIRED
-        assert r.date == "2026-11-30" and r.gpu == "NVIDIA H200" and r.versions["torch"] == "2.11.0+cu130"
-        if r.ratio_vs_baseline is not None:
-            assert r.ratio_vs_baseline == round(r.reviews_per_s / r.baseline_reviews_per_s, 3)
-        assert record.table_row(r) in lines
+def bench_copy(base: Path) -> Path:
+    """base/benchmarks: record.py and its README template, no records yet."""
+    bench = base / "benchmarks"
+    (bench / "raw").mkdir(parents=True)
+    for name in ("record.py", "README.template.md"):
+        shutil.copy(REPO / "benchmarks" / name, bench / name)
+    return bench
 
 
-def recorded(path: Path, *raws: Path) -> tuple[list, str]:
-    """record.py's own path, folder by folder (merged into `path`), then the README from what `path` holds."""
-    for raw in raws:
-        record.write_records(path, record.merge_records(path, record.build_records(raw)))
-    records = record.read_records(path)
-    return records, record.render_readme(records)
+def run_record(bench: Path, *folders: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(bench / "record.py"), *map(str, folders)], capture_output=True, text=True, cwd=bench
+    )
+
+
+def read_records(bench: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (bench / "records.jsonl").read_text().splitlines()]
+
+
+def finetune(model: str, reviews_per_s: float, steps: int, budget_gib: float | None, oom_retries: int) -> dict:
+    """The finetune stage's metrics JSON as run_device.py emits it."""
+    return {
+        "model": model,
+        "steps": steps,
+        "train_time_s": round(steps * 16 / reviews_per_s, 2),
+        "reviews_per_s": reviews_per_s,
+        "tokens_per_s": reviews_per_s * 300,
+        "padded_tokens_per_s": reviews_per_s * 310,
+        "padding_share": 0.03,
+        "nvml_peak_gib": 20.5,
+        "gpu_util_mean_pct": 71.5,
+        "energy_j": 1000.0 * steps,
+        "peak_vram_allocated_gib": 12.0,
+        "peak_vram_reserved_gib": 14.5 if budget_gib else 60.0,
+        "energy_j_per_step": 1000.0,
+        "attention": "varlen",
+        "kernels": "liger",
+        "compiled": False,
+        "precision": "bf16",
+        "quantization": "nf4-dq",
+        "padding": "packed",
+        "gradient_checkpointing": budget_gib is not None,
+        "checkpointed_layers": 28 if budget_gib else 0,
+        "memory_budget_gib": budget_gib,
+        "micro_batch": 16,
+        "grad_accum": 1,
+        "oom_retries": oom_retries,
+        "trainable_parameters": 39_976_960,
+        "total_parameters": TOTAL_PARAMETERS,
+    }
+
+
+def model_results(model: str, speeds: dict[str, float], test_reviews: int, budget_oom_retries: int = 0) -> list[dict]:
+    """One model's lines of results.jsonl: baseline, the 200-step default, evaluate, the runner's timings, the 16 GiB
+    budget run and two sweep variants; `speeds` gives baseline tokens/s and the others' reviews/s."""
+    baseline = {"quant": "nf4-dq", "micro_batch": 16, "accum": 1, "grad_ckpt": True, "seq": 512, "step_s": 1.6}
+    baseline |= {"tokens_per_s": speeds["baseline_tokens_per_s"], "peak_reserved_gib": 15.9, "call_s": 50.0}
+    scored = {"reviews": test_reviews, "eval_time_s": round(test_reviews / speeds["evaluate"], 2)}
+    scored |= {"reviews_per_s": speeds["evaluate"], "nvml_peak_gib": 22.0, "gpu_util_mean_pct": 88.0}
+    scored |= {"energy_j": 5000.0, "peak_vram_reserved_gib": 21.0, "kernels": "liger", "accuracy": 0.5}
+    timings = {"download": 30.0, "tokenize": 20.0, "finetune": speeds["finetune_s"], "evaluate": speeds["evaluate_s"]}
+    timings["duel_wall_s"] = sum(timings.values())
+    sweep = {"kernels": "liger", "attention": "varlen", "row_tokens": 2048, "micro_batch": 16, "layers": 32}
+    sweep |= {"checkpointed_layers": 0, "s_per_step": 0.5, "tokens_per_s": 9000.0, "peak_reserved_gib": 46.0}
+    lines = [
+        ("baseline", "mb16x1", baseline),
+        ("finetune", "default", finetune(model, speeds["default"], 200, None, 0)),
+        ("evaluate", "default", {model: {"finetuned": scored}}),
+        ("timings", "duel", timings),
+        ("finetune", "budget", finetune(model, speeds["budget"], 50, 16.0, budget_oom_retries)),
+        ("sweep", "liger/default", sweep | {"variant": "default", "reviews_per_s": speeds["sweep_default"]}),
+        ("sweep", "liger/mb8", sweep | {"variant": "mb8", "micro_batch": 8, "reviews_per_s": speeds["sweep_mb8"]}),
+        ("gpu_tests", "pytest", {"exit": 0, "summary": ["8 passed"]}),
+    ]
+    return [{"kind": kind, "model": model, "tag": tag, "data": data} for kind, tag, data in lines]
+
+
+def write_call(folder: Path, results: dict[str, list[dict]]) -> Path:
+    """A --parallel call folder: gpu.csv and versions.json (device.sh), then per model <model>/results.jsonl and
+    <model>/log.txt (run_device.py), each stage's process ending in `==== <tag>: exit N in S s`."""
+    folder.mkdir(parents=True)
+    (folder / "gpu.csv").write_text("name, driver_version, memory.total [MiB]\nNVIDIA H200, 580.0, 143771 MiB\n")
+    (folder / "versions.json").write_text(json.dumps(VERSIONS))
+    argv = ["llama", "deepseek", "--parallel", "--budget-gib", "16"]
+    call = {"kind": "call", "model": ",".join(results), "tag": "argv", "data": {"argv": argv}}
+    (folder / "results.jsonl").write_text(json.dumps(call) + "\n")
+    for model, lines in results.items():
+        (folder / model).mkdir()
+        (folder / model / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        timings = next(line["data"] for line in lines if line["kind"] == "timings")
+        stages = {f"baseline_{model}": 50.0, f"download_{model}": timings["download"]}
+        stages |= {f"tokenize_{model}": timings["tokenize"], f"finetune_{model}_default": timings["finetune"]}
+        stages |= {f"evaluate_{model}": timings["evaluate"], f"finetune_{model}_budget": 40.0}
+        stages |= {f"finetune_{model}_compiled": 9.0}  # a run that failed: exit 1, no result line
+        log = "".join(
+            f"==== {tag}\nprogress\n==== {tag}: exit {int('compiled' in tag)} in {s} s\n" for tag, s in stages.items()
+        )
+        (folder / model / "log.txt").write_text(log)
+    return folder
+
+
+# llama meets every target; deepseek's default is 2.5x and its budget run backed off once from an OOM.
+LLAMA = {"baseline_tokens_per_s": 5120.0, "default": 31.0, "budget": 25.0, "evaluate": 140.0}
+LLAMA |= {"finetune_s": 120.0, "evaluate_s": 200.0, "sweep_default": 33.0, "sweep_mb8": 16.5}
+DEEPSEEK = {"baseline_tokens_per_s": 5120.0, "default": 25.0, "budget": 22.0, "evaluate": 90.0}
+DEEPSEEK |= {"finetune_s": 130.0, "evaluate_s": 300.0, "sweep_default": 30.0, "sweep_mb8": 20.0}
+
+
+def cells(line: str) -> list[str]:
+    """The cells of a Markdown table's row."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def target_rows(readme: str, target: str) -> dict[str, list[str]]:
+    """The targets table's rows whose target starts with `target`, by model: their cells."""
+    rows = [cells(line) for line in readme.splitlines() if line.startswith("| ")]
+    return {row[1]: row for row in rows if row[0].startswith(target)}
 
 
 def test_records_and_readme(tmp_path: Path) -> None:
-    records, readme = recorded(tmp_path / "records.jsonl", RAW, RAW)  # a rerun replaces, not adds
+    bench = bench_copy(tmp_path)
+    results = {"llama": model_results("llama", LLAMA, 25000)}
+    results["deepseek"] = model_results("deepseek", DEEPSEEK, 25000, budget_oom_retries=1)
+    folder = write_call(bench / "raw" / "2026-12-01-h200-call01", results)
+    done = run_record(bench, folder)
+    assert done.returncode == 0, done.stderr
 
-    # 2 models x (3 baseline + default + paper + evaluate x 2 + duel) + the deepseek budget run
-    assert len(records) == 17
-    assert ISSUE_FIELDS <= REQUIRED
-    check_complete(records, readme)
-    assert {r.run for r in records} == {"2026-11-30-h200"}
-    assert readme.startswith("# Benchmarks\n\nGenerated by `python benchmarks/record.py` from records.jsonl")
-
-    by_key = {(r.stage, r.model, r.recipe, r.quantization): r for r in records}
-    default = by_key["finetune", "llama", "default", "nf4-dq"]
-    assert default.baseline_reviews_per_s == round(5320.2 / 512, 3)  # baseline micro-batch 16, nf4-dq
-    assert default.mfu == round(3467.6 * 6 * 6778392576 / record.PEAK_FLOPS, 4)  # session 1 checkpointed: 6N
-    assert by_key["finetune", "llama", "paper", "nf4-dq"].baseline_same_recipe_reviews_per_s == round(820.3 / 512, 3)
-    assert by_key["finetune", "deepseek", "default-16gib", "nf4-dq"].memory_budget_gib == 16
-    assert by_key["duel", "deepseek", "default", "nf4-dq"].wall_s == 153.9
-    assert "ESTIMATE" not in readme  # session 1 has no 200-step fine-tune to compose one from
-
-
-def test_session2_records_and_readme(tmp_path: Path) -> None:
-    records, readme = recorded(
-        tmp_path / "records.jsonl", RAW, SESSION2 / "call2", SESSION2 / "call3", SESSION2 / "call4", SESSION2 / "call4"
-    )
-
-    # same date and GPU in every call: merged by run, session 1 stays; call4 twice replaces, not adds
-    runs = [r.run for r in records]
-    assert {run: runs.count(run) for run in runs} == {
-        "2026-11-30-h200": 17,
-        "2026-11-30-h200-session2/call2": 2,  # llama: baseline + default
-        "2026-11-30-h200-session2/call3": 4,  # each model: baseline + default
-        "2026-11-30-h200-session2/call4": 6,  # each model: baseline + budget + evaluate
+    records = read_records(bench)
+    kinds = sorted((r["model"], r["stage"], r["recipe"]) for r in records)
+    per_model = [("duel", "default"), ("evaluate", "default"), ("finetune", "baseline-mb16x1")]
+    per_model += [("finetune", "budget"), ("finetune", "default"), ("sweep", "liger/default"), ("sweep", "liger/mb8")]
+    assert kinds == sorted((model, *kind) for model in ("llama", "deepseek") for kind in per_model)
+    assert {(r["run"], r["date"], r["gpu"]) for r in records} == {
+        ("2026-12-01-h200-call01", "2026-12-01", "NVIDIA H200")
     }
-    session2 = [r for r in records if r.run.startswith("2026-11-30-h200-session2/")]
-    check_complete(session2, readme)
-    assert not [r for r in session2 if r.stage == "duel"]  # call4's 'duel' timings hold no 200-step fine-tune
-
-    by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session2}
-    default = by_key["call2", "finetune", "llama", "default"]
-    assert default.baseline_reviews_per_s == round(5289.7 / 512, 3)  # this call's baseline, not session 1's
-    assert default.gradient_checkpointing is False and default.padding_share == 0.198
-    assert default.mfu == round(7054.2 * 4 * 6778392576 / record.PEAK_FLOPS, 4)  # no checkpointing: 4N
-    assert default.call_stages_s == {"baseline": 48.3, "download": 32.2, "tokenize": 48.4, "finetune_default": 155.2}
-    assert by_key["call3", "finetune", "deepseek", "default"].baseline_reviews_per_s == round(5031.7 / 512, 3)
-    for model, baseline_tokens_per_s in (("llama", 5134.2), ("deepseek", 4849.9)):
-        budget = by_key["call4", "finetune", model, "default-16gib"]
-        assert budget.memory_budget_gib == 16 and budget.steps == 20 and budget.gradient_checkpointing is True
-        assert budget.baseline_reviews_per_s == round(baseline_tokens_per_s / 512, 3)
-        evaluate = by_key["call4", "evaluate", model, "default"]
-        assert "3000 test reviews, adapter of this call's default-16gib fine-tune (20 steps)" in evaluate.note
-
-    # the summary at the top: each target with met / not met computed from the numbers
-    summary = readme[: readme.index("## Paper-scale duel")]
-    assert (
-        "| llama | 2026-11-30-h200-session2/call2 | 23.915 / 10.331 reviews/s = 2.315x (200 steps) | not met |"
-        in summary
-    )
-    assert (
-        "| deepseek | 2026-11-30-h200-session2/call4 | 17.307 / 9.472 reviews/s = 1.827x (20 steps) | not met |"
-        in summary
-    )
-    assert "| llama | 2026-11-30-h200-session2/call4 | 112.0 reviews/s (3,000 reviews) | met |" in summary
-    assert "| llama | default | nf4-dq | 200 | 2026-11-30-h200-session2/call3 | 23.525 | -1.6% |" in readme
-
-    # the composed duel estimate: each model's total and each sum equal to the sum of the parts shown
-    pieces = record.duel_pieces(records)
-    estimates = record.duel_estimates(pieces, {"llama", "deepseek"})
-    assert [p.finetune_run[-5:] for p in pieces["llama"]] == ["call2", "call3"]
-    assert [p.finetune_run[-5:] for p in pieces["deepseek"]] == ["call3"]
-    for p in (p for model in pieces.values() for p in model):
-        assert p.evaluate_run.endswith("call4")
-        assert p.load_s == round(p.evaluate_stage_s - p.eval_time_s, 1)
-        assert p.scoring_s == round(25000 / p.eval_reviews_per_s, 1)
-        assert p.total_s == round(p.download_s + p.tokenize_s + p.finetune_s + p.load_s + p.scoring_s, 1)
-        parts = f"= {p.download_s} + {p.tokenize_s} + {p.finetune_s} + {p.load_s} + {p.scoring_s} | {p.total_s} |"
-        assert parts in readme
-    llama = pieces["llama"][0]
-    assert (llama.download_s, llama.tokenize_s, llama.finetune_s, llama.load_s, llama.scoring_s) == (
-        32.2,
-        48.4,
-        155.2,
-        28.0,  # 54.8 s evaluate stage - 26.79 s scoring, call4
-        223.2,  # 25000 / 112.0 reviews/s, call4
-    )
-    assert [total for _, total in estimates] == [1011.3, 1053.5]
-    for combo, total in estimates:
-        assert total == round(sum(p.total_s for p in combo), 1)
-        assert " + ".join(str(p.total_s) for p in combo) + f" = **{total} s = {total / 60:.1f} min**" in readme
-    assert "## Paper-scale duel: ESTIMATE, not a measurement" in readme
-    assert "| ESTIMATE from separately measured stages (next section) | 16.9 to 17.6 min | not met |" in summary
-
-
-def test_session3_records_and_readme(tmp_path: Path) -> None:
-    records, readme = recorded(
-        tmp_path / "records.jsonl", SESSION2 / "call4", *(SESSION3 / f"call{i}" for i in (1, 2, 3, 4))
-    )
-    session3 = [r for r in records if r.run.startswith("2026-11-30-h200-session3/")]
-    check_complete(session3, readme)
-    by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session3}
-
-    # the measured duel: each model's chain of stages, 200 steps and all 25,000 test reviews, summed
-    duel = by_key["call3", "duel", "deepseek+llama", "default"]
-    chains = [by_key["call3", "duel", model, "default"] for model in ("deepseek", "llama")]
-    assert [c.wall_s for c in chains] == [365.1, 393.0] and duel.wall_s == 758.1
-    for chain in chains:
-        stages = chain.call_stages_s
-        assert chain.wall_s == round(
-            sum(stages[k] for k in ("download", "tokenize", "finetune_default", "evaluate")), 1
-        )
-        assert "200 steps + 25000 test reviews" in chain.note and "not the paper-scale" not in chain.note
-    assert "measured: 758.1 s = 12.6 min" in readme and "ESTIMATE" not in readme
-    assert not [r for r in session3 if r.stage == "duel" and "+" in r.model and r.run.endswith("call2")]  # 3,000
-
-    # the fast path's defaults as the runs resolved them, and the budget sized in layers
-    for model, layers in (("llama", 27), ("deepseek", 26)):
-        default, budget = (
-            by_key["call2", "finetune", model, "default"],
-            by_key["call2", "finetune", model, "default-16gib"],
-        )
-        assert default.kernels == "liger" and default.checkpointed_layers == 0 and not default.gradient_checkpointing
-        assert budget.checkpointed_layers == layers and budget.peak_vram_gib < 16
-    assert by_key["call1", "finetune", "deepseek", "default-16gib"].kernels == "none"
-    assert by_key["call1", "finetune", "deepseek", "oom-backoff-8gib"].memory_budget_gib == 8
-
-    # the sweep: one record per variant and kernel set, on the same batches from call 2 on
-    sweeps = [r for r in session3 if r.stage == "sweep"]
-    assert {r.recipe for r in sweeps if r.run.endswith("call2")} == {
-        f"{kernels}/{variant}" for kernels in ("none", "liger") for variant in SESSION3_SWEEP_VARIANTS
+    assert all(r["versions"] == VERSIONS and r["argv"] == "llama deepseek --parallel --budget-gib 16" for r in records)
+    baseline = 5120.0 / 512
+    for r in records:
+        if r["stage"] in ("finetune", "sweep") and not r["recipe"].startswith("baseline"):
+            assert r["baseline_reviews_per_s"] == baseline
+            assert r["ratio_vs_baseline"] == round(r["reviews_per_s"] / baseline, 3)
+        else:
+            assert r["ratio_vs_baseline"] is None
+    by_key = {(r["model"], r["stage"], r["recipe"]): r for r in records}
+    default = by_key["llama", "finetune", "default"]
+    assert default["reviews_per_s"] == 31.0 and default["gpu_util_pct"] == 71.5 and default["steps"] == 200
+    assert default["mfu"] == round(31.0 * 300 * 4 * TOTAL_PARAMETERS / 790e12, 4)  # no checkpointing: 4N a token
+    assert by_key["llama", "finetune", "budget"]["checkpointed_layers"] == 28
+    assert by_key["deepseek", "finetune", "budget"]["oom_retries"] == 1
+    assert by_key["llama", "finetune", "baseline-mb16x1"]["reviews_per_s"] == baseline
+    evaluate = by_key["deepseek", "evaluate", "default"]
+    assert (evaluate["test_reviews"], evaluate["reviews_per_s"], evaluate["gpu_util_pct"]) == (25000, 90.0, 88.0)
+    duel = by_key["llama", "duel", "default"]
+    assert (duel["steps"], duel["test_reviews"], duel["wall_s"]) == (200, 25000, 370.0)
+    assert default["stages_s"] == {  # the failed compiled run (exit 1) left out
+        "baseline": 50.0,
+        "download": 30.0,
+        "tokenize": 20.0,
+        "finetune_default": 120.0,
+        "evaluate": 200.0,
+        "finetune_budget": 40.0,
     }
-    assert all("the same batches for every variant" in r.note for r in sweeps if not r.run.endswith("call1"))
-    assert all("each variant on the next batches" in r.note for r in sweeps if r.run.endswith("call1"))
-    liger = by_key["call2", "sweep", "llama", "liger/ckpt-all"]
-    assert liger.wall_s == 0.5332 and liger.ratio_vs_baseline == round(30.01 / 10.313, 3)
-    assert "| liger/ckpt-all | 16 x 1 | 32 | 0.533 |" in readme
-    # the levers section: speed-ups computed from the sweep rows, the ones its text quotes among them
-    lever = (
-        by_key["call2", "sweep", "llama", "liger/default"].wall_s
-        / by_key["call2", "sweep", "llama", "liger/mb8"].wall_s
-    )
-    assert f"| micro-batch 8 x 2 instead of 16 x 1 | about 0.9x (twice the launches) | 0.73x | {lever:.2f}x |" in readme
-    assert "a second micro-batch cost (0.66-0.73x)" in readme and f"{lever:.2f}" == "0.66"
+    assert by_key["llama", "sweep", "liger/mb8"]["grad_accum"] == 2
 
-
-def test_failed_stage_is_refused(tmp_path: Path) -> None:
-    log = tmp_path / "log.txt"
-    log.write_text("==== download_llama: exit 0 in 30.0 s\n==== finetune_llama_default: exit 1 in 3.0 s\n")
-    assert record.logged_stages(log, "deepseek") == {}
-    with pytest.raises(ValueError, match="finetune_llama_default exited 1"):
-        record.logged_stages(log, "llama")
-
-
-@pytest.mark.slow
-def test_device_runner_on_cpu(tmp_path: Path) -> None:
-    """benchmarks/run_device.py end to end on CPU with the demo's tiny models (the GPU machine is the only other
-    place it runs): every stage result lands in results.jsonl as it is made; the baseline, which needs CUDA, adds
-    nothing here."""
-    repo = copy_sources(tmp_path)
-    env = stage_env({"OUT": str(tmp_path / "out")})
-    args = ["llama", "--profile", "profiles/demo.yaml", "--baseline-last", "--budget-gib", "16", "--budget-steps", "4"]
-    args += ["--profile-step"]
-    done = subprocess.run(
-        [sys.executable, "benchmarks/run_device.py", *args], cwd=repo, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    sweep = [r["data"] for r in lines if r["kind"] == "sweep"]
-    assert [v["variant"] for v in sweep] == SWEEP_VARIANTS  # with the plain kernels only: Liger's need CUDA
-    assert {v["kernels"] for v in sweep} == {"none"}
-    assert all(v["reviews_per_s"] > 0 and v["tokens_per_s"] > v["reviews_per_s"] for v in sweep)
-    assert [v["checkpointed_layers"] for v in sweep][-6:] == [2, 0, 1, 2, 0, 2]  # the demo's 2 layers
-    assert "\nprofile llama: " in (tmp_path / "out" / "log.txt").read_text()
-    assert [(r["kind"], r["tag"]) for r in lines if r["kind"] != "sweep"] == [
-        ("call", "argv"),
-        ("finetune", "default"),
-        ("evaluate", "default"),
-        ("timings", "duel"),
-        ("finetune", "budget"),
+    readme = (bench / "README.md").read_text()
+    assert "{{" not in readme
+    default_rows = target_rows(readme, "default fine-tune")
+    assert default_rows["llama"][2:] == ["2026-12-01-h200-call01", "31.0 / 10.0 reviews/s = 3.10x", "71.5", "60", "yes"]
+    assert default_rows["deepseek"][3:] == ["25.0 / 10.0 reviews/s = 2.50x", "71.5", "60", "no"]
+    budget_rows = target_rows(readme, "16 GiB budget")
+    assert budget_rows["llama"][-1] == "yes" and budget_rows["deepseek"][-1] == "no"  # 2.2x, but an OOM back-off
+    evaluate_rows = target_rows(readme, "evaluate")
+    assert evaluate_rows["llama"][-1] == "yes" and evaluate_rows["deepseek"][-1] == "no"
+    assert evaluate_rows["deepseek"][3] == "90.0 reviews/s on 25,000 test reviews"
+    duel_row = target_rows(readme, "paper-scale duel")["deepseek + llama"]
+    assert duel_row[3:] == ["480.0 + 370.0 = 850.0 s = 14.2 min", "—", "—", "yes"]
+    # the levers table: a row per project fine-tune; the sweeps table: a row per variant, a column per model and call
+    lever_rows = [line for line in readme.splitlines() if "| 2026-12-01-h200-call01 |" in line and "| varlen " in line]
+    assert len(lever_rows) == 4
+    sweep_rows = [cells(line) for line in readme.splitlines() if line.startswith(("| variant ", "| liger/"))]
+    assert sweep_rows == [
+        ["variant", "deepseek 2026-12-01-h200-call01", "llama 2026-12-01-h200-call01"],
+        ["liger/default", "3", "3.3"],
+        ["liger/mb8", "2", "1.65"],
     ]
-    stages = [r for r in lines if r["kind"] != "sweep"]
-    default, budget = stages[1]["data"], stages[4]["data"]
-    assert default["steps"] == 20 and budget["steps"] == 4 and budget["memory_budget_gib"] == 16
-    assert set(stages[3]["data"]) == {"download", "tokenize", "finetune", "evaluate", "duel_wall_s"}
-    log = (tmp_path / "out" / "log.txt").read_text()
-    assert "==== finetune_llama_default: exit 0" in log and "==== baseline_llama: exit" in log
 
 
-SESSION4 = REPO / "benchmarks" / "raw" / "2026-11-30-h200-session4"
+def test_newest_call_judges_and_a_rerun_replaces(tmp_path: Path) -> None:
+    bench = bench_copy(tmp_path)
+    first = write_call(bench / "raw" / "2026-12-01-h200-call01", {"llama": model_results("llama", LLAMA, 25000)})
+    faster = LLAMA | {"default": 41.0, "evaluate": 80.0}  # scored on 1,000 reviews: not judged
+    second = write_call(bench / "raw" / "2026-12-01-h200-call02", {"llama": model_results("llama", faster, 1000)})
+    for folders in ((first, second), (second,)):
+        assert run_record(bench, *folders).returncode == 0
+    records = read_records(bench)
+    assert [r["run"][-6:] for r in records].count("call02") == 7  # the rerun replaced call02's records
+    assert [r["run"][-6:] for r in records].count("call01") == 7
+
+    readme = (bench / "README.md").read_text()
+    assert target_rows(readme, "default fine-tune")["llama"][2:4] == [
+        "2026-12-01-h200-call02",
+        "41.0 / 10.0 reviews/s = 4.10x",
+    ]
+    assert target_rows(readme, "evaluate")["llama"][2] == "2026-12-01-h200-call01"  # the newest with 3,000 or more
+    assert target_rows(readme, "paper-scale duel")["llama"][2:4] == [
+        "2026-12-01-h200-call01",
+        "370.0 = 370.0 s = 6.2 min",
+    ]
+
+    # without a folder it renders the README alone, from records.jsonl as it is
+    records_text = (bench / "records.jsonl").read_text()
+    (bench / "README.md").unlink()
+    assert run_record(bench).returncode == 0
+    assert (bench / "README.md").read_text() == readme and (bench / "records.jsonl").read_text() == records_text
 
 
-def test_session4_records_and_readme(tmp_path: Path) -> None:
-    records, readme = recorded(
-        tmp_path / "records.jsonl", SESSION3 / "call2", *(SESSION4 / f"call{i}" for i in (1, 2, 3))
-    )
-    session4 = [r for r in records if r.run.startswith("2026-11-30-h200-session4/")]
-    check_complete(session4, readme)
-    by_key = {(r.run.split("/")[-1], r.stage, r.model, r.recipe): r for r in session4}
-
-    # call 1: SDPA; calls 2 and 3: varlen, each default against its own call's baseline
-    assert by_key["call1", "finetune", "llama", "default"].attention == "sdpa"
-    for call in ("call2", "call3"):
-        for model in ("llama", "deepseek"):
-            default = by_key[call, "finetune", model, "default"]
-            assert default.attention == "varlen" and default.kernels == "liger" and default.checkpointed_layers == 0
-            assert default.ratio_vs_baseline == round(default.reviews_per_s / default.baseline_reviews_per_s, 3)
-            assert default.ratio_vs_baseline > record.TARGET_FINETUNE_RATIO
-    assert by_key["call3", "finetune", "llama", "default"].reviews_per_s == 38.166
-    # the budget: every layer checkpointed in call 2, the fewest that fit in call 3
-    budgets = {(call, m): by_key[call, "finetune", m, "default-16gib"] for call in ("call2", "call3") for m in LAYERS}
-    assert [budgets["call2", m].checkpointed_layers for m in LAYERS] == [32, 30]
-    assert [budgets["call3", m].checkpointed_layers for m in LAYERS] == [28, 26]
-    assert all(b.peak_vram_gib < 16 and b.steps in (30, 50) for b in budgets.values())
-    # the compiled runs were cut by the call's limit: no record; the call's description says what the log shows
-    assert not [r for r in session4 if "compiled" in r.recipe]
-    assert "the first step took 105.5 s (llama) and 116.3 s (deepseek)" in readme
-    # evaluate on 1,000 reviews is not judged against the 100 reviews/s target
-    assert "| 87.21 reviews/s (1,000 reviews) | not judged" in readme
-    # the levers: the newest sweep with both rows, and the stage-level table with the attention of each run
-    assert "| varlen attention instead of SDPA's masked one |" in readme
-    assert "| llama | default | 2026-11-30-h200-session4/call3 | varlen | liger | 0 | 200 | 38.166 | 3.724 |" in readme
+def test_misnamed_call_folder_is_refused(tmp_path: Path) -> None:
+    bench = bench_copy(tmp_path)
+    folder = write_call(bench / "raw" / "2026-12-01-h200-second", {"llama": model_results("llama", LLAMA, 25000)})
+    done = run_record(bench, folder)
+    assert done.returncode != 0 and "<date>-<gpu>-call<NN>" in done.stderr
+    assert not (bench / "records.jsonl").exists()
 
 
-LAYERS = {"llama": 32, "deepseek": 30}
+def test_committed_readme_is_rendered_from_committed_records(tmp_path: Path) -> None:
+    bench = bench_copy(tmp_path)
+    shutil.copy(REPO / "benchmarks" / "records.jsonl", bench / "records.jsonl")
+    done = run_record(bench)
+    assert done.returncode == 0, done.stderr
+    assert (bench / "README.md").read_text() == (REPO / "benchmarks" / "README.md").read_text()
+    runs = {r["run"] for r in read_records(bench)}
+    assert runs == {p.name for p in (REPO / "benchmarks" / "raw").iterdir()}  # every record from a raw folder
