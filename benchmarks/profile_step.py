@@ -4,7 +4,7 @@ first, e.g. through benchmarks/run_device.py). Prints the kernels that took most
 per phase (forward, backward, optimizer) to stdout (benchmarks/run_device.py keeps it in $OUT/log.txt).
 
 Then a sweep of how the same steps are executed (what is learned does not change): row length of the packing,
-micro-batch split, gradient checkpointing on all, half or none of the layers, the layers compiled (train.compile, on
+micro-batch split, gradient checkpointing on all, half or none of the layers, the layers compiled (execution.compile, on
 CUDA; its one-off compile time recorded), Liger's kernels (where installed). For each: seconds per step, reviews/s,
 real tokens/s and peak torch memory, appended to $OUT/results.jsonl as kind "sweep" (one line per variant).
 
@@ -25,17 +25,16 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from duel.checkpointing import decoder_layers, set_checkpointed_layers
+from duel.hub import load_tokenizer
 from duel.io import read_json
 from duel.modeling import (
     add_lora,
     apply_kernels,
     attention_implementation,
     compile_layers,
-    decoder_layers,
     kernels_implementation,
     load_base_model,
-    load_tokenizer,
-    set_checkpointed_layers,
 )
 from duel.params import load_params
 from duel.training import AnswerCollator, ReviewDataset, answer_loss, training_order
@@ -53,7 +52,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="none,liger", help="the sweep's kernel sets, of none and liger")
     args = parser.parse_args()
     params = load_params()
-    train = params.train
+    train, execution = params.train, params.execution
     base, tokens = Path("models/base") / args.key, Path("data/tokenized") / args.key
     frame = pd.read_parquet(tokens / "train.parquet")
     order = training_order(frame["n_tokens"].to_numpy(), train.steps, train.batch_size, params.seed)
@@ -61,17 +60,17 @@ def main() -> None:
     collate = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
 
     # The profile and the first half of the sweep with the plain kernels; Liger joins for the second half.
-    attention, kernels = attention_implementation(train.attention, train.padding == "packed"), "none"
+    attention, kernels = attention_implementation(execution.attention, execution.padding == "packed"), "none"
     model = add_lora(
         load_base_model(base, params.model(args.key), params, attention, kernels), params.model(args.key), params
     )
     model.train()
     device = next(p for p in model.parameters() if p.requires_grad).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(execution.precision)
     cuda = device.type == "cuda"
 
-    def step(index: int, micro_batch: int = train.micro_batch, collate: AnswerCollator = collate) -> int:
+    def step(index: int, micro_batch: int = execution.micro_batch, collate: AnswerCollator = collate) -> int:
         """One optimizer step on the index-th batch (from the start again after the last); returns its real tokens."""
         index %= len(dataset) // train.batch_size
         features = [dataset[i] for i in range(index * train.batch_size, (index + 1) * train.batch_size)]
@@ -104,7 +103,7 @@ def main() -> None:
     table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
     summary = (
         f"profile {args.key}: {seconds:.3f} s per optimizer step ({train.batch_size / seconds:.2f} reviews/s, "
-        f"profiler overhead included), micro-batch {train.micro_batch}, padding {train.padding}, "
+        f"profiler overhead included), micro-batch {execution.micro_batch}, padding {execution.padding}, "
         f"checkpointing {model.is_gradient_checkpointing}, attention {attention}, kernels {kernels}\n"
     )
     print(summary + table)
@@ -116,7 +115,7 @@ def main() -> None:
     kernel_sets = args.kernels.split(",")
     if "none" in kernel_sets:
         sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "none", variants(collate, batch, layers))
-    if cuda and args.compile:  # train.compile: its one-off cost, then the same batches compiled
+    if cuda and args.compile:  # execution.compile: its one-off cost, then the same batches compiled
         compile_layers(model, True)
         start = time.perf_counter()
         for _ in range(2):  # the first layer (its input needs no gradient) and the others compile separately
@@ -133,7 +132,7 @@ def main() -> None:
         )
         for layer in decoder_layers(model):
             layer._compiled_call_impl = None  # back to eager for the Liger half
-    if kernels_implementation(train.kernels) == "liger" and "liger" in kernel_sets:
+    if kernels_implementation(execution.kernels) == "liger" and "liger" in kernel_sets:
         apply_kernels(model, "liger")
         sweep(args.key, model, step, collate, first, args.sweep_steps, batch, "liger", variants(collate, batch, layers))
 

@@ -33,17 +33,17 @@ from duel.io import write_json, write_with
 
 BENCH = Path(__file__).resolve().parent
 STEPS = 12
-COMMON = {"train.steps": STEPS, "train.save_steps": 0, "data.train_size": STEPS * 16, "data.test_size": 40}
+COMMON = {"train.steps": STEPS, "execution.save_steps": 0, "data.train_size": STEPS * 16, "data.test_size": 40}
 PAPER_LAYOUT = {
-    "train.micro_batch": 1,
-    "train.padding": "max_length",
-    "train.gradient_checkpointing": True,
-    "quantization.upcast_fp32": True,
+    "execution.micro_batch": 1,
+    "execution.padding": "max_length",
+    "execution.gradient_checkpointing": True,
+    "execution.upcast_fp32": True,
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "paper layout": PAPER_LAYOUT,
-    "default, micro-batch 4 (noise reference)": {"train.micro_batch": 4},
+    "default, micro-batch 4 (noise reference)": {"execution.micro_batch": 4},
     "default, dropout 0": {"lora.dropout": 0.0},
     "paper layout, dropout 0": PAPER_LAYOUT | {"lora.dropout": 0.0},
 }

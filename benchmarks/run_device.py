@@ -13,7 +13,7 @@ project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` af
 --baseline-last runs the baseline after the duel's stages (a per-GPU chain of download, tokenize, 200 steps and
 25,000 reviews then fits a 10-minute call); --no-default leaves the 200-step fine-tune out (the budget run's adapter
 is then the one scored); --test-size N scores N test reviews; --profile-step profiles a few training steps;
---compiled repeats the default and budget fine-tunes with train.compile (each stage process compiles cold).
+--compiled repeats the default and budget fine-tunes with execution.compile (each stage process compiles cold).
 
 Per model: the baseline's best configuration (micro-batch 16, nf4 + double quant, checkpointing), run by importing
 ../shared/bench/hf_qlora_baseline.py (carried in .carry/); then the paper-scale duel through the stages in order
@@ -74,7 +74,7 @@ def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
     with (OUT / "log.txt").open("a") as log:
         log.write(f"==== {tag}\n")
         log.flush()
-        # Each process compiles cold (train.compile): the cost a first run pays, not a cache another run warmed.
+        # Each process compiles cold (execution.compile): the cost a first run pays, not a cache another run warmed.
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
             env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)

@@ -48,8 +48,8 @@ def label_logits(
             if logits is None:
                 if batch_size == 1:
                     raise EvaluationError(
-                        "evaluate: out of GPU memory at batch size 1; set eval.merge_adapter: false (keeps the base "
-                        "in 4 bits) or lower data.max_length"
+                        "evaluate: out of GPU memory at batch size 1; set execution.merge_adapter: false (keeps "
+                        "the base in 4 bits) or lower data.max_length"
                     )
                 batch_size, retries = batch_size // 2, retries + 1
                 print(f"evaluate: out of GPU memory; going on with eval batches of {batch_size}")

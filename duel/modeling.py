@@ -33,10 +33,7 @@ def attention_implementation(requested: str, packed: bool) -> str:
         if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
             return "flash_attention_2"
         requested = attention.VARLEN if packed and attention.varlen_available() else "sdpa"
-    resolved = "sdpa" if requested == attention.VARLEN and not packed else requested
-    if resolved == attention.VARLEN:
-        attention.register()  # with transformers' AttentionInterface, under the name "varlen"
-    return resolved
+    return "sdpa" if requested == attention.VARLEN and not packed else requested
 
 
 def quantization_config(params: QuantizationParams, compute_dtype: str) -> BitsAndBytesConfig | None:
@@ -89,17 +86,19 @@ def kernels_implementation(requested: str, compiled: bool = False) -> str:
 
 
 def load_base_model(
-    base_dir: Path, model: ModelParams, params: Params, attention: str, kernels: str = "none"
+    base_dir: Path, model: ModelParams, params: Params, attention_kind: str, kernels: str = "none"
 ) -> PreTrainedModel:
     """The base model, 4-bit when quantization is on, on the GPU when there is one, with the fused kernels asked
     for (kernels_implementation); no adapter yet."""
     info = read_json(base_dir / "model.json")
+    if attention_kind == attention.VARLEN:
+        attention.register()  # with transformers' AttentionInterface, under the name "varlen"
     device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     loaded = AutoModelForCausalLM.from_pretrained(
         info["path"],  # a local folder: the random checkpoint, or the pinned hub snapshot
         dtype=DTYPES[params.execution.compute_dtype],
         quantization_config=quantization_config(params.quantization, params.execution.compute_dtype),
-        attn_implementation=attention,
+        attn_implementation=attention_kind,
         device_map=device_map,
         use_safetensors=True,
         trust_remote_code=model.trust_remote_code,

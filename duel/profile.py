@@ -93,10 +93,8 @@ def extra_overrides(args: list[str]) -> dict[str, Any]:
     return flat
 
 
-def set_param_args(
-    profile: Path, extra: dict[str, Any] | None = None, params_file: Path = Path("params.yaml")
-) -> list[str]:
-    base = yaml.safe_load(params_file.read_text())
+def set_param_args(profile: Path, base: dict[str, Any], extra: dict[str, Any] | None = None) -> list[str]:
+    """`dvc exp run`'s -S arguments for a profile (and `extra` dotted overrides) over params `base`."""
     flat = flatten(base, yaml.safe_load(profile.read_text()) or {})
     flat = absolute_paths(flat | flatten(base, unflatten(extra or {})))
     parse_params(apply(base, flat))  # fail here, before DVC runs anything
@@ -123,7 +121,8 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     profile, rest = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--print"]
     try:
-        command = ["dvc", "exp", "run", "-n", profile.stem, *set_param_args(profile, extra_overrides(rest))]
+        base = yaml.safe_load(Path("params.yaml").read_text())
+        command = ["dvc", "exp", "run", "-n", profile.stem, *set_param_args(profile, base, extra_overrides(rest))]
     except (ParamsError, OSError, ValueError) as err:
         print(f"error: {profile}: {err}", file=sys.stderr)
         sys.exit(1)

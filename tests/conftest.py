@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the repo's sibling folder ../shared: hub cache and IMDB mirror
@@ -19,10 +18,10 @@ IMDB = SHARED / "data" / "imdb"
 os.environ["HF_HUB_CACHE"] = str(SHARED / "hf" / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from project_copy import StageRun, run_pipeline, stage_env  # noqa: E402
+from project_copy import StageRun, committed_params, run_pipeline, stage_env  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from duel.params import Params, load_params  # noqa: E402
+from duel.params import Params, parse_params  # noqa: E402
 
 CHECKPOINTS = {"llama": "meta-llama/Llama-2-7b-hf", "deepseek": "deepseek-ai/deepseek-llm-7b-base"}
 
@@ -35,13 +34,14 @@ def tokenizers() -> dict[str, PreTrainedTokenizerFast]:
 
 @pytest.fixture
 def raw_params() -> dict[str, Any]:
-    """params.yaml as plain data, fresh per test so a test may change it."""
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    """The committed params.yaml as plain data, fresh per test so a test may change it."""
+    return committed_params()
 
 
 @pytest.fixture(scope="session")
 def params() -> Params:
-    return load_params(REPO / "params.yaml")
+    """The committed params.yaml, loaded (an experiment may have changed the working copy)."""
+    return parse_params(committed_params())
 
 
 def tiny_llama_config(**fields: Any) -> Any:

@@ -15,17 +15,25 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from duel.profile import apply, flatten
+from duel.profile import apply, overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 # The demo profile, shortened: 12 steps x 16 reviews, a checkpoint every 4 steps, 40 test reviews; llama only.
-SMALL_RUN = {"train.steps": 12, "train.save_steps": 4, "data.train_size": 12 * 16, "data.test_size": 40}
+SMALL_RUN = {"train.steps": 12, "execution.save_steps": 4, "data.train_size": 12 * 16, "data.test_size": 40}
 # What the stages write: never copied, so a copy starts from sources only, whatever the working tree holds.
 OUTPUTS = ("data/", "models/", "metrics/", "plots/", "reports/", "checkpoints/", "dvc.lock")
 ADAPTER = Path("models/adapters/llama/adapter_model.safetensors")
-PIPELINE = [("download",), ("tokenize",), ("finetune", "llama"), ("evaluate",), ("report",)]
+PIPELINE = [
+    ("download",),
+    ("base", "llama"),
+    ("tokenize",),
+    ("zero_shot", "llama"),
+    ("finetune", "llama"),
+    ("evaluate",),
+    ("report",),
+]
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,17 @@ class StageRun:
     """stdout + stderr of every stage run, in order."""
 
 
+def committed_params() -> dict[str, Any]:
+    """params.yaml as committed (HEAD): the paper's experiment, whatever an experiment left in the working copy."""
+    text = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return yaml.safe_load(text)
+
+
 def copy_sources(base: Path) -> Path:
-    """base/project: the tracked and untracked files of the working tree except OUTPUTS; base/shared -> ../shared."""
+    """base/project: the tracked and untracked files of the working tree except OUTPUTS, with the committed
+    params.yaml; base/shared -> ../shared."""
     repo = base / "project"
     (base / "shared").symlink_to(SHARED)
     files = subprocess.run(
@@ -46,16 +63,17 @@ def copy_sources(base: Path) -> Path:
         if (ROOT / name).is_file() and not name.startswith(OUTPUTS):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(committed_params(), sort_keys=False))
     return repo
 
 
 def make_copy(base: Path, overrides: dict[str, Any], models: tuple[str, ...] = ("llama",)) -> Path:
     """base/project: the tracked and untracked files of the working tree except OUTPUTS, base/shared -> ../shared,
-    and params.yaml = params.yaml + profiles/demo.yaml + `overrides` (dotted names), keeping only `models`."""
+    and params.yaml = the committed params.yaml + profiles/demo.yaml + `overrides` (dotted names), keeping only
+    `models`; data from ../shared by its absolute path."""
     repo = copy_sources(base)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    demo = flatten(raw, yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text()))
-    merged = apply(raw, demo | overrides)
+    demo = overlay(committed_params(), yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text()))
+    merged = apply(demo, {"data.source": str(SHARED / "data" / "imdb")} | overrides)
     merged["models"] = {key: merged["models"][key] for key in models}
     (repo / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     return repo

@@ -15,7 +15,7 @@ from conftest import tiny_llama_config
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, Trainer
 
-from duel.modeling import switch_on_checkpointing
+from duel.checkpointing import switch_on_checkpointing
 from duel.params import Params
 from duel.training import (
     AnswerCollator,
@@ -40,18 +40,12 @@ def tiny_lora() -> Any:
 
 def small_params(params: Params) -> Params:
     train = dataclasses.replace(
-        params.train,
-        steps=STEPS,
-        batch_size=BATCH,
-        micro_batch=BATCH,
-        learning_rate=1e-2,
-        optimizer="adamw_torch",
-        precision="fp32",
-        padding="longest",
-        save_steps=0,
-        logging_steps=1,
+        params.train, steps=STEPS, batch_size=BATCH, learning_rate=1e-2, optimizer="adamw_torch"
     )
-    return dataclasses.replace(params, train=train)
+    execution = dataclasses.replace(
+        params.execution, micro_batch=BATCH, precision="fp32", padding="longest", save_steps=0, logging_steps=1
+    )
+    return dataclasses.replace(params, train=train, execution=execution)
 
 
 def dataset() -> ReviewDataset:
@@ -93,7 +87,7 @@ def run(params: Params, out: Path, oom: FakeOom | None, checkpointing_switch: bo
         )
 
     switch = (lambda: switch_on_checkpointing(model)) if checkpointing_switch else (lambda: False)
-    return model, train_with_backoff(build, params.train.batch_size, params.train.micro_batch, None, switch)
+    return model, train_with_backoff(build, params.train.batch_size, params.execution.micro_batch, None, switch)
 
 
 def lora_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -114,7 +108,9 @@ def test_oom_halves_the_micro_batch_and_goes_on(params: Params, tmp_path: Path) 
 
     # Same data, same steps, no OOM: micro-batch 8 for two steps then 2 learns what micro-batch 2 learns throughout.
     reference, _ = run(
-        dataclasses.replace(small, train=dataclasses.replace(small.train, micro_batch=2)), tmp_path / "ref", None
+        dataclasses.replace(small, execution=dataclasses.replace(small.execution, micro_batch=2)),
+        tmp_path / "ref",
+        None,
     )
     got, want = lora_weights(model), lora_weights(reference)
     assert any((w != 0).any() for w in want.values())

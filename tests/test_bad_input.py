@@ -23,8 +23,9 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from project_copy import make_copy, stage_command, stage_env
 
 from duel import io as duel_io
+from duel.errors import ModelError
+from duel.hub import resolve_model
 from duel.io import atomic_dir, write_json, write_parquet
-from duel.modeling import ModelError, resolve_model
 
 MISSING = "no-such-org/no-such-model-xyz"
 
@@ -187,7 +188,7 @@ def outputs(repo: Path) -> set[str]:
         (("finetune", "llama"), {"lora.r": 0}, "error: lora.r: 0 must be > 0"),
         (("tokenize",), {"train.lerning_rate": 2e-5}, "error: train.lerning_rate: unknown key"),
         (("download",), {"data.source": "../shared/data/no-such-folder"}, "error: data.source: "),
-        (("download",), {"models.llama.checkpoint": MISSING}, "error: models.llama.checkpoint: "),
+        (("base", "llama"), {"models.llama.checkpoint": MISSING}, "error: models.llama.checkpoint: "),
     ],
     ids=["ParamsError-range", "ParamsError-misspelled", "DataError", "ModelError"],
 )

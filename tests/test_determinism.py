@@ -102,7 +102,7 @@ def test_evaluation_repeats(reference_run: StageRun, token_run: StageRun) -> Non
 
 
 def test_compiled_layers_follow_the_eager_loss_curve(reference_run: StageRun, tmp_path) -> None:
-    """train.compile through the whole finetune stage (Trainer, 4-bit LoRA on the CPU, checkpoints, adapter): the
+    """execution.compile through the whole finetune stage (Trainer, 4-bit LoRA on the CPU, checkpoints, adapter): the
     per-step losses follow the eager run's. Not bit for bit: the compiled code draws LoRA's dropout masks from
     another random generator and sums in another order."""
     import yaml
@@ -110,7 +110,7 @@ def test_compiled_layers_follow_the_eager_loss_curve(reference_run: StageRun, tm
 
     repo = clone(reference_run.repo, tmp_path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["compile"] = True
+    params["execution"]["compile"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = run_stage(repo, "finetune", "llama")
     assert "compiled layers" in log

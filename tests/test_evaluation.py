@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from duel.evaluation import classification_metrics, label_logits, predictions_frame
+from duel.evaluation import classification_metrics, confusion, label_logits, predictions_frame
 
 PAD = 0
 ANSWERS = (7, 9)
@@ -22,7 +22,7 @@ def test_metrics_on_hand_made_logits():
     )
     metrics = classification_metrics(labels, logits)
     # predicted: 1 1 0 0 1 0 1 0 -> TP 3, FN 1, FP 1, TN 3
-    assert metrics["confusion_matrix"] == [[3, 1], [1, 3]]
+    assert confusion(labels, logits) == [[3, 1], [1, 3]]
     assert metrics["accuracy"] == 0.75
     assert metrics["precision"] == 0.75
     assert metrics["recall"] == 0.75
@@ -37,7 +37,7 @@ def test_metrics_unbalanced_predictions():
     labels = np.array([1, 1, 0, 0, 0])
     logits = np.array([[0, 1], [0, 1], [0, 1], [0, 1], [1, 0]], dtype=np.float32)
     metrics = classification_metrics(labels, logits)
-    assert metrics["confusion_matrix"] == [[1, 2], [0, 2]]
+    assert confusion(labels, logits) == [[1, 2], [0, 2]]
     assert metrics["precision"] == 0.5  # 2 of the 4 predicted positive are positive
     assert metrics["recall"] == 1.0
     assert metrics["f1"] == 0.6667
@@ -45,10 +45,11 @@ def test_metrics_unbalanced_predictions():
 
 
 def test_metrics_single_class_has_no_auc():
-    metrics = classification_metrics(np.array([1, 1]), np.array([[0, 1], [1, 0]], dtype=np.float32))
+    labels, logits = np.array([1, 1]), np.array([[0, 1], [1, 0]], dtype=np.float32)
+    metrics = classification_metrics(labels, logits)
     assert metrics["roc_auc"] is None
     assert metrics["accuracy"] == 0.5
-    assert metrics["confusion_matrix"] == [[0, 0], [1, 1]]
+    assert confusion(labels, logits) == [[0, 0], [1, 1]]
 
 
 def test_predictions_frame():
@@ -104,9 +105,9 @@ def test_label_logits_padding_is_masked(tiny_model):
 
 
 def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path):
-    """eval.merge_adapter: the dequantized base with the adapter merged in scores like the dequantized base with the
-    adapter on the side (merging changes nothing), and both like the 4-bit base with the adapter (dequantizing keeps
-    the weights; bitsandbytes' CPU kernels round a little differently from a plain fp32 product)."""
+    """execution.merge_adapter: the dequantized base with the adapter merged in scores like the dequantized base with
+    the adapter on the side (merging changes nothing), and both like the 4-bit base with the adapter (dequantizing
+    keeps the weights; bitsandbytes' CPU kernels round a little differently from a plain fp32 product)."""
     import dataclasses
 
     from conftest import tiny_llama_config
@@ -121,8 +122,9 @@ def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     LlamaForCausalLM(config).save_pretrained(base_dir)
     write_json(base_dir / "model.json", {"path": str(base_dir)})
-    quantization = dataclasses.replace(params.quantization, enabled=True, compute_dtype="float32")
-    small = dataclasses.replace(params, quantization=quantization)
+    quantization = dataclasses.replace(params.quantization, enabled=True)
+    execution = dataclasses.replace(params.execution, compute_dtype="float32")
+    small = dataclasses.replace(params, quantization=quantization, execution=execution)
 
     def base_4bit():
         return load_base_model(base_dir, small.model("llama"), small, "sdpa")
@@ -178,7 +180,7 @@ def test_scoring_oom_at_batch_one_says_what_to_change(tiny_model):
     frame = pd.DataFrame({"input_ids": [[5, 6, 7]], "label": 0})
     hook = tiny_model.register_forward_pre_hook(OomAbove(fits=0), with_kwargs=True)
     try:
-        with pytest.raises(EvaluationError, match=r"batch size 1; set eval\.merge_adapter: false"):
+        with pytest.raises(EvaluationError, match=r"batch size 1; set execution\.merge_adapter: false"):
             label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=4, desc="test")
     finally:
         hook.remove()

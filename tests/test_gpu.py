@@ -91,7 +91,7 @@ def reviews_frame() -> pd.DataFrame:
 
 
 def setup_for(params: Params, recipe: Recipe) -> Setup:
-    """The project's params with the QLoRA recipe pinned (make demo may have left other values in params.yaml)."""
+    """The project's params with the QLoRA recipe pinned."""
     pinned = dataclasses.replace(
         params,
         quantization=dataclasses.replace(
@@ -99,11 +99,15 @@ def setup_for(params: Params, recipe: Recipe) -> Setup:
             enabled=True,
             quant_type="nf4",
             double_quant=True,
+        ),
+        lora=dataclasses.replace(params.lora, r=16, alpha=32, dropout=0.05),
+        execution=dataclasses.replace(
+            params.execution,
+            gradient_checkpointing=True,
+            precision="bf16",
             compute_dtype="bfloat16",
             upcast_fp32=recipe.upcast_fp32,
         ),
-        lora=dataclasses.replace(params.lora, r=16, alpha=32, dropout=0.05),
-        train=dataclasses.replace(params.train, gradient_checkpointing=True, precision="bf16"),
     )
     return Setup(pinned, dataclasses.replace(pinned.model("llama"), lora_targets=PROJECTIONS), recipe)
 
@@ -284,7 +288,7 @@ def assert_same_loss_and_grads(reference: tuple[float, dict[str, Any]], other: t
 def test_liger_kernels_compute_the_same_loss_and_gradients(
     params: Params, base_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """train.kernels: liger swaps RMSNorm, RoPE and SwiGLU for fused Triton kernels; on the 4-bit LoRA model and a
+    """execution.kernels: liger swaps RMSNorm, RoPE and SwiGLU for fused Triton kernels; on the 4-bit LoRA model and a
     packed batch the loss and the LoRA gradients stay those of the plain kernels, up to bf16 rounding."""
     from transformers.models.llama import modeling_llama
 
@@ -311,7 +315,7 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(
 
 
 def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, base_dir: Path):
-    """train.compile: each decoder layer of the 4-bit LoRA model through torch.compile (bitsandbytes' 4-bit matmul
+    """execution.compile: each decoder layer of the 4-bit LoRA model through torch.compile (bitsandbytes' 4-bit matmul
     and PEFT's LoRA inside the compiled code, without a graph break); on two packed batches of different widths the
     loss and the LoRA gradients stay those of eager mode, up to bf16 rounding. No LoRA dropout: compiled code draws
     its random masks from another generator."""
@@ -351,7 +355,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
 
 @pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")
 def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Params, base_dir: Path):
-    """train.attention varlen (PyTorch's variable-length Flash Attention on the collator's cu_seq_lens) against SDPA
+    """execution.attention varlen (PyTorch's variable-length Flash Attention on the collator's cu_seq_lens) against SDPA
     on transformers' packed-sequence mask: on the 4-bit LoRA model and a packed batch, the same loss and LoRA
     gradients up to bf16 rounding."""
     setup = setup_for(params, RECIPES["packed"])

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from duel import modeling
+from duel import checkpointing, hub, modeling
 
 
 def test_random_weights_fall_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -32,9 +32,9 @@ def test_random_weights_fall_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch, ca
         return "model"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(modeling.torch, "device", Device)
-    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_config", from_config)
-    assert modeling._random_model(config=None, seed=0) == "model"
+    monkeypatch.setattr(hub.torch, "device", Device)
+    monkeypatch.setattr(hub.AutoModelForCausalLM, "from_config", from_config)
+    assert hub._random_model(config=None, seed=0) == "model"
     assert built_in == ["cuda", "cpu"]
     assert "building them on the CPU" in capsys.readouterr().out
 
@@ -52,12 +52,12 @@ def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert modeling.kernels_implementation("auto") == "none"
     with pytest.raises(
-        modeling.ParamsError, match=r"^train\.kernels: liger needs the liger-kernel and triton packages"
+        modeling.ParamsError, match=r"^execution\.kernels: liger needs the liger-kernel and triton packages"
     ):
         modeling.kernels_implementation("liger")
     installed["liger_kernel"] = True
     assert modeling.kernels_implementation("auto", compiled=True) == "none"  # inductor fuses them itself
-    with pytest.raises(modeling.ParamsError, match=r"^train\.kernels: liger cannot be compiled"):
+    with pytest.raises(modeling.ParamsError, match=r"^execution\.kernels: liger cannot be compiled"):
         modeling.kernels_implementation("liger", compiled=True)
 
 
@@ -73,7 +73,7 @@ def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert modeling.attention_implementation("auto", packed=True) == "sdpa"
-    with pytest.raises(modeling.ParamsError, match=r"^train\.attention: varlen needs an Ampere or newer CUDA GPU"):
+    with pytest.raises(modeling.ParamsError, match=r"^execution\.attention: varlen needs an Ampere or newer CUDA GPU"):
         modeling.attention_implementation("varlen", packed=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
@@ -99,17 +99,19 @@ LLAMA = {"layers": 32, "hidden": 4096, "intermediate": 11008}
 
 def test_layers_to_checkpoint_fits_the_budget() -> None:
     fixed = 4.12 * GIB + 12 * 40e6
-    count = {b: modeling.layers_to_checkpoint(b * GIB, fixed, **LLAMA, max_tokens=6000) for b in (8, 16, 24, 48, 141)}
+    count = {
+        b: checkpointing.layers_to_checkpoint(b * GIB, fixed, **LLAMA, max_tokens=6000) for b in (8, 16, 24, 48, 141)
+    }
     assert count[8] == 32  # not even all checkpointed fits: all are, and an OOM would halve the micro-batch
     assert 32 > count[16] > count[24] > count[48] > 0  # more memory, fewer layers recomputed
     assert count[141] == 0  # the H200 without a budget: nothing recomputed
     # The plan never exceeds its share of the budget: every checkpointed layer keeps its input, the others all.
-    kept, saved = modeling.kept_layer_bytes(4096, 11008) * 6000, 2 * 4096 * 6000
+    kept, saved = checkpointing.kept_layer_bytes(4096, 11008) * 6000, 2 * 4096 * 6000
     planned = fixed + count[16] * saved + (32 - count[16]) * kept + kept
-    assert planned <= modeling.BUDGET_SHARE * 16 * GIB
-    assert planned + (kept - saved) > modeling.BUDGET_SHARE * 16 * GIB  # one layer fewer would not fit
+    assert planned <= checkpointing.BUDGET_SHARE * 16 * GIB
+    assert planned + (kept - saved) > checkpointing.BUDGET_SHARE * 16 * GIB  # one layer fewer would not fit
     # The all-checkpointed plan reproduces the H200's measured peak (6.98 GiB at about 4,500 tokens) within 10%.
-    peak = 4.12 * GIB + 12 * 40e6 + 32 * 2 * 4096 * 4500 + modeling.kept_layer_bytes(4096, 11008) * 4500
+    peak = 4.12 * GIB + 12 * 40e6 + 32 * 2 * 4096 * 4500 + checkpointing.kept_layer_bytes(4096, 11008) * 4500
     assert peak == pytest.approx(6.98 * GIB, rel=0.1)
 
 
@@ -123,26 +125,26 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), LoraConfig(r=4, target_modules=["q_proj"]))
 
     def resolved(value: Any, budget: float | None = None, tokens: int | None = 512) -> int:
-        train = dataclasses.replace(params.train, gradient_checkpointing=value, memory_budget_gib=budget)
-        return modeling.checkpointed_layer_count(model, dataclasses.replace(params, train=train), tokens)
+        execution = dataclasses.replace(params.execution, gradient_checkpointing=value, memory_budget_gib=budget)
+        return checkpointing.checkpointed_layer_count(model, dataclasses.replace(params, execution=execution), tokens)
 
     assert resolved(True) == 2 and resolved(False) == 0
     assert resolved("auto") == 2  # a CPU: all
-    monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 141.0)
+    monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     assert resolved("auto") == 0  # tiny model, big GPU: none
     assert resolved("auto", budget=1e-6) == 2  # no room at all: every layer
     # Where only some layers need it, auto checkpoints those (the first ones).
-    monkeypatch.setattr(modeling, "layers_to_checkpoint", lambda *args: 1)
+    monkeypatch.setattr(checkpointing, "layers_to_checkpoint", lambda *args: 1)
     assert resolved("auto", budget=1.0) == 1
     monkeypatch.undo()
-    monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 141.0)
+    monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     # Without a token count the worst case is planned for: micro_batch x max_length.
     assert resolved("auto", budget=1e-3, tokens=None) >= resolved("auto", budget=1e-3, tokens=64)
 
-    modeling.set_checkpointed_layers(model, 1)
-    assert [layer.gradient_checkpointing for layer in modeling.decoder_layers(model)] == [True, False]
-    assert modeling.switch_on_checkpointing(model)  # some layers off: all on now
-    assert [layer.gradient_checkpointing for layer in modeling.decoder_layers(model)] == [True, True]
-    assert not modeling.switch_on_checkpointing(model)
+    checkpointing.set_checkpointed_layers(model, 1)
+    assert [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)] == [True, False]
+    assert checkpointing.switch_on_checkpointing(model)  # some layers off: all on now
+    assert [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)] == [True, True]
+    assert not checkpointing.switch_on_checkpointing(model)

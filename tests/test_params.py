@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 from duel.params import ParamsError, parse_params
-from duel.profile import apply, flatten, set_param_args
+from duel.profile import extra_overrides, overlay, set_param_args
 
 
 def changed(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
@@ -33,13 +33,13 @@ def test_valid_params_load(params):
     assert params.model("llama").checkpoint == "meta-llama/Llama-2-7b-hf"
     assert params.lora.r == 16
     assert params.train.learning_rate == pytest.approx(2e-5)
-    assert params.train.memory_budget_gib is None
+    assert params.execution.memory_budget_gib is None
 
 
 def test_grad_accum_is_batch_over_micro_batch(raw_params):
-    assert parse_params(raw_params).train.grad_accum == 16 // 16
+    assert parse_params(raw_params).grad_accum == 16 // 16
     for micro, accum in ((1, 16), (2, 8), (4, 4), (8, 2)):
-        assert parse_params(changed(raw_params, "train.micro_batch", micro)).train.grad_accum == accum
+        assert parse_params(changed(raw_params, "execution.micro_batch", micro)).grad_accum == accum
 
 
 def test_int_accepted_where_float_expected(raw_params):
@@ -56,19 +56,24 @@ def test_int_accepted_where_float_expected(raw_params):
         ("train.steps", "ten", "train.steps"),
         ("lora.r", 1.5, "lora.r"),
         ("train.steps", True, "train.steps"),  # a bool is not an int
-        ("eval.batch_size", False, "eval.batch_size"),
+        ("execution.eval_batch_size", False, "execution.eval_batch_size"),
         ("quantization.enabled", "yes", "quantization.enabled"),
         ("data.label_words", " positive", "data.label_words"),
         ("lora.r", 0, "lora.r"),
         ("lora.r", -4, "lora.r"),
         ("train.learning_rate", 0.0, "train.learning_rate"),
         ("train.learning_rate", -1e-5, "train.learning_rate"),
-        ("train.micro_batch", 0, "train.micro_batch"),
-        ("train.micro_batch", 3, "train.micro_batch"),  # does not divide batch_size 16
+        ("execution.micro_batch", 0, "execution.micro_batch"),
+        ("execution.micro_batch", 3, "execution.micro_batch"),  # does not divide batch_size 16
+        ("execution.memory_budget_gib", -4, "execution.memory_budget_gib"),
+        ("execution.eval_batch_size", 0, "execution.eval_batch_size"),
+        ("execution.pack_tokens", 256, "execution.pack_tokens"),  # shorter than data.max_length 512
+        ("train.warmup_steps", -1, "train.warmup_steps"),
+        ("execution.save_steps", -1, "execution.save_steps"),
         ("quantization.quant_type", "int8", "quantization.quant_type"),
-        ("train.precision", "fp8", "train.precision"),
+        ("execution.precision", "fp8", "execution.precision"),
         ("models.deepseek.overrides", {"num_hidden_layers": 2}, "models.deepseek.overrides"),  # init: pretrained
-        ("train.precision", "fp16", "train.precision"),  # with compute_dtype bfloat16
+        ("execution.precision", "fp16", "execution.precision"),  # with compute_dtype bfloat16
         ("data.prompt", "Review:\nSentiment:", "data.prompt"),
     ],
 )
@@ -85,9 +90,9 @@ def test_missing_key_named(raw_params):
 
 
 def test_fp16_with_float16_compute_is_fine(raw_params):
-    raw = changed(changed(raw_params, "train.precision", "fp16"), "quantization.compute_dtype", "float16")
+    raw = changed(changed(raw_params, "execution.precision", "fp16"), "execution.compute_dtype", "float16")
     params = parse_params(raw)
-    assert (params.train.precision, params.quantization.compute_dtype) == ("fp16", "float16")
+    assert (params.execution.precision, params.execution.compute_dtype) == ("fp16", "float16")
 
 
 def test_overrides_allowed_with_random_init(raw_params):
@@ -116,49 +121,59 @@ def s_args(args: list[str]) -> dict[str, str]:
     return {name.lstrip("+"): value for name, value in pairs}
 
 
-def test_demo_profile_args():
-    args = s_args(set_param_args(REPO / "profiles" / "demo.yaml", REPO / "params.yaml"))
+def test_demo_profile_args(raw_params):
+    args = s_args(set_param_args(REPO / "profiles" / "demo.yaml", raw_params))
     profile = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
     assert "models.llama.overrides" in args and "models.deepseek.overrides" in args
     assert yaml.safe_load(args["models.llama.init"]) == "random"
     assert yaml.safe_load(args["data.train_size"]) == profile["data"]["train_size"] == 320
     assert yaml.safe_load(args["train.learning_rate"]) == pytest.approx(1e-3)
-    assert yaml.safe_load(args["data.source"]) == "../shared/data/imdb"
+    # Made absolute, so that the experiment also runs from another folder (a queued run's copy).
+    assert yaml.safe_load(args["data.source"]) == str((Path.cwd() / "../shared/data/imdb").resolve())
     # Only what the profile sets, nothing else of params.yaml.
     assert "train.batch_size" not in args and "seed" not in args
 
 
-def test_paper_profile_args():
-    args = s_args(set_param_args(REPO / "profiles" / "paper.yaml", REPO / "params.yaml"))
+def test_paper_profile_changes_execution_only(raw_params):
+    args = s_args(set_param_args(REPO / "profiles" / "paper.yaml", raw_params))
     assert {k: yaml.safe_load(v) for k, v in args.items()} == {
-        "train.micro_batch": 1,
-        "train.precision": "fp16",
-        "train.padding": "max_length",
-        "train.gradient_checkpointing": True,
-        "train.kernels": "none",
-        "train.logging_steps": 10,
-        "quantization.compute_dtype": "float16",
-        "quantization.upcast_fp32": True,
+        "execution.micro_batch": 1,
+        "execution.precision": "fp16",
+        "execution.padding": "max_length",
+        "execution.gradient_checkpointing": True,
+        "execution.kernels": "none",
+        "execution.logging_steps": 10,
+        "execution.compute_dtype": "float16",
+        "execution.upcast_fp32": True,
     }
 
 
-def test_profile_unknown_key_named(tmp_path: Path):
+def test_extra_overrides_win_over_the_profile(raw_params):
+    extra = extra_overrides(["-S", "data.source=/elsewhere/imdb", "-S", "lora.r=8"])
+    args = s_args(set_param_args(REPO / "profiles" / "demo.yaml", raw_params, extra))
+    assert yaml.safe_load(args["data.source"]) == "/elsewhere/imdb"
+    assert yaml.safe_load(args["lora.r"]) == 8
+    with pytest.raises(ParamsError, match=r"lora\.rank"):
+        set_param_args(REPO / "profiles" / "demo.yaml", raw_params, extra_overrides(["-S", "lora.rank=8"]))
+
+
+def test_profile_unknown_key_named(tmp_path: Path, raw_params):
     profile = tmp_path / "bad.yaml"
     profile.write_text("train:\n  stpes: 10\n")
     with pytest.raises(ParamsError, match=r"train\.stpes"):
-        set_param_args(profile, REPO / "params.yaml")
+        set_param_args(profile, raw_params)
 
 
-def test_profile_bad_value_fails_before_dvc(tmp_path: Path):
+def test_profile_bad_value_fails_before_dvc(tmp_path: Path, raw_params):
     profile = tmp_path / "bad.yaml"
-    profile.write_text("train:\n  micro_batch: 5\n")
-    with pytest.raises(ParamsError, match=r"train\.micro_batch"):
-        set_param_args(profile, REPO / "params.yaml")
+    profile.write_text("execution:\n  micro_batch: 5\n")
+    with pytest.raises(ParamsError, match=r"execution\.micro_batch"):
+        set_param_args(profile, raw_params)
 
 
 def test_demo_profile_applied_parses(raw_params):
     overrides = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
-    params = parse_params(apply(raw_params, flatten(raw_params, overrides)))
+    params = parse_params(overlay(raw_params, overrides))
     for key in ("llama", "deepseek"):
         model = params.model(key)
         assert model.init == "random"
@@ -166,4 +181,4 @@ def test_demo_profile_applied_parses(raw_params):
         assert model.lora_targets == raw_params["models"][key]["lora_targets"]  # untouched keys survive
     assert params.train.steps == 20 and params.train.batch_size == 16
     assert params.data.test_size == 400
-    assert raw_params["models"]["llama"]["init"] == "pretrained"  # apply() does not change its input
+    assert raw_params["models"]["llama"]["init"] == "pretrained"  # overlay() does not change its input

@@ -118,7 +118,7 @@ def test_resume_skips_a_checkpoint_killed_mid_save(
     the rerun must resume from the last complete one, not crash on the partial one."""
     repo, step = crashed
     repo = clone(repo, tmp_path)
-    partial = repo / CHECKPOINTS / f"checkpoint-{step + SMALL_RUN['train.save_steps']}"
+    partial = repo / CHECKPOINTS / f"checkpoint-{step + SMALL_RUN['execution.save_steps']}"
     shutil.copytree(repo / CHECKPOINTS / f"checkpoint-{step}", partial)
     (partial / "trainer_state.json").unlink()
 

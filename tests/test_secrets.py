@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from project_copy import StageRun
 
-from duel.modeling import versions
+from duel.hub import versions
 
 pytestmark = pytest.mark.slow
 

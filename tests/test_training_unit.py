@@ -259,20 +259,21 @@ def test_micro_batches_give_the_same_gradient(tiny_model):
 
 def test_step_token_counts(params):
     steps, batch, micro = 3, 4, 2
-    train = dataclasses.replace(params.train, steps=steps, batch_size=batch, micro_batch=micro, padding="longest")
-    small = dataclasses.replace(params, train=train)
+    train = dataclasses.replace(params.train, steps=steps, batch_size=batch)
+    execution = dataclasses.replace(params.execution, micro_batch=micro, padding="longest")
+    small = dataclasses.replace(params, train=train, execution=execution)
     lengths = np.array([10, 3, 7, 20, 15, 1, 8, 9, 30, 2, 4, 6])
     order = np.arange(12)
     real, padded = step_token_counts(lengths, order, small)
     assert real.tolist() == [(10 + 3 + 7 + 20) + 4, (15 + 1 + 8 + 9) + 4, (30 + 2 + 4 + 6) + 4]
     # Micro-batches of 2, each padded to its longest (+1 answer) rounded up to a multiple of 8.
     assert padded.tolist() == [2 * 16 + 2 * 24, 2 * 16 + 2 * 16, 2 * 32 + 2 * 8]
-    fixed = dataclasses.replace(small, train=dataclasses.replace(train, padding="max_length"))
+    fixed = dataclasses.replace(small, execution=dataclasses.replace(execution, padding="max_length"))
     assert step_token_counts(lengths, order, fixed)[1].tolist() == [4 * params.data.max_length] * 3
     packed = dataclasses.replace(
         small,
         data=dataclasses.replace(params.data, max_length=32),
-        train=dataclasses.replace(train, padding="packed", pack_tokens=32),
+        execution=dataclasses.replace(execution, padding="packed", pack_tokens=32),
     )
     # ceil(tokens / 32) rows, padded to the longest, rounded up to a multiple of 8 (the answer adds one token per
     # review). Step 1: [11, 4] -> one row of 15 -> 16; [8, 21] -> one row of 29 -> 32. Step 2: [16, 2] -> 24;
@@ -290,15 +291,15 @@ def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
     callback.on_log(args, state, control, logs=logs)
     assert logs["tokens_per_s"] > 0 and logs["padded_tokens_per_s"] >= logs["tokens_per_s"]
     assert logs["reviews_per_s"] > 0 and logs["memory_gib"] > 0
-    with pytest.raises(TrainingError, match=r"train\.precision"):
+    with pytest.raises(TrainingError, match=r"execution\.precision"):
         callback.on_log(args, state, control, logs={"loss": float("nan")})
 
 
-# --- train.compile -------------------------------------------------------------------------------------------------
+# --- execution.compile ---------------------------------------------------------------------------------------------
 
 
 def test_compiled_layers_give_the_same_loss_and_gradients():
-    """train.compile (regional torch.compile of each decoder layer, dynamic shapes) changes how the step runs, not
+    """execution.compile (regional torch.compile of each decoder layer, dynamic shapes) changes how the step runs, not
     what it computes: on a tiny LoRA model and packed batches of two widths, the loss and the LoRA gradients equal
     the eager ones, and a new row width does not compile again."""
     from conftest import tiny_llama_config
@@ -306,7 +307,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients():
     from torch._dynamo.utils import counters
     from transformers import LlamaForCausalLM
 
-    from duel.modeling import compile_layers, decoder_layers
+    from duel.checkpointing import decoder_layers
+    from duel.modeling import compile_layers
 
     torch._dynamo.reset()
     models = []
@@ -376,12 +378,13 @@ def reference_varlen_kernel(query, key, value, cu_seq_lens, max_length, scale):
 
 @pytest.mark.parametrize("row", [16, 64])
 def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tiny_model, row, monkeypatch):
-    """train.attention varlen: the model reads the collator's cu_seq_lens instead of a block-diagonal mask; with the
+    """execution.attention varlen: the model reads the collator's cu_seq_lens instead of a block-diagonal mask; with the
     kernel's contract computed on the CPU (torch's varlen kernels are CUDA only; tests/test_gpu.py runs them), the
     loss and every gradient equal SDPA's (and eager's) on the packed-sequence mask."""
     from duel import attention
 
     monkeypatch.setattr(attention, "varlen_kernel", reference_varlen_kernel)
+    attention.register()
     batch = tiny_batch(seed=4, lengths=(12, 5, 9, 3, 14, 2), padding="packed", row=row)
     original = tiny_model.config._attn_implementation  # sdpa or eager: both mask the packed sequences
     results = []
@@ -403,11 +406,12 @@ def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tiny_model, r
 def test_varlen_attention_refuses_padded_batches(tiny_model):
     from duel import attention
 
+    attention.register()
     original = tiny_model.config._attn_implementation
     batch = tiny_batch(seed=4, padding="longest")
     tiny_model.set_attn_implementation(attention.VARLEN)
     try:
-        with pytest.raises(ValueError, match=r"^train\.attention: varlen needs packed rows"):
+        with pytest.raises(ValueError, match=r"^execution\.attention: varlen needs packed rows"):
             forward(tiny_model, batch)
     finally:
         tiny_model.set_attn_implementation(original)
