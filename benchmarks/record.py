@@ -101,6 +101,10 @@ RENAMED = {
     **dict.fromkeys(("peak_vram_reserved_gib", "peak_reserved_gib"), "peak_vram_gib"),
     **{"gpu_util_mean_pct": "gpu_util_pct", "reviews": "test_reviews", "grad_ckpt": "gradient_checkpointing"},
     **{"accum": "grad_accum", "seq": "max_length"},
+    # Scoring's cost, prefixed in the evaluate and zero-shot metrics.
+    **{"eval_reviews_per_s": "reviews_per_s", "eval_gpu_util_mean_pct": "gpu_util_pct", "eval_energy_j": "energy_j"},
+    **{"eval_peak_vram_reserved_gib": "peak_vram_gib", "eval_nvml_peak_gib": "nvml_peak_gib"},
+    **{"eval_oom_retries": "oom_retries"},
 }
 
 

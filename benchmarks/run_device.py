@@ -17,7 +17,7 @@ is then the one scored); --test-size N scores N test reviews; --profile-step pro
 
 Per model: the baseline's best configuration (micro-batch 16, nf4 + double quant, checkpointing), run by importing
 ../shared/bench/hf_qlora_baseline.py (carried in .carry/); then the paper-scale duel through the stages in order
-(download, tokenize, finetune with the default recipe, evaluate) with the profile; then, from the same tokenized
+(download, base, tokenize, finetune with the default recipe, evaluate) with the profile; then, from the same tokenized
 data, finetune with a memory budget (--budget-gib, --budget-steps steps), the out-of-memory back-off shown with a
 small budget and checkpointing off (--oom-gib), and the paper's recipe (--paper-steps, with the baseline's
 micro-batch 1 x 16 beside it).
@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from duel.profile import apply, flatten
+from duel.profile import overlay
 
 ARCH = {"llama": "llama2-7b", "deepseek": "deepseek-7b"}
 OUT = Path(os.environ.get("OUT", "out"))
@@ -61,7 +61,7 @@ def emit(kind: str, model: str, tag: str, data: Any) -> None:
 def write_params(key: str, profiles: list[Path], **sections: dict[str, Any]) -> None:
     merged = yaml.safe_load(Path("params.base.yaml").read_text())
     for profile in profiles:
-        merged = apply(merged, flatten(merged, yaml.safe_load(profile.read_text())))
+        merged = overlay(merged, yaml.safe_load(profile.read_text()))
     merged["models"] = {key: merged["models"][key]}
     for section, values in sections.items():
         merged[section] |= values
@@ -100,18 +100,41 @@ def baseline(key: str, micro_batch: int, accum: int, steps: int) -> None:
         emit("baseline", key, f"mb{micro_batch}x{accum}", row | {"call_s": round(seconds, 1)})
 
 
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def finetune_result(key: str) -> dict[str, Any]:
+    """A fine-tune's numbers (its metrics) with how it ran (beside its adapter), as one flat result."""
+    training = read_json(Path("models/adapters") / key / "training.json")
+    metrics = read_json(f"metrics/finetune_{key}.json")[key]
+    return (
+        training["run"]
+        | metrics
+        | {
+            "gradient_checkpointing": metrics["checkpointed_layers"] > 0,
+            "memory_budget_gib": training["params"]["execution"]["memory_budget_gib"],
+        }
+    )
+
+
+def evaluate_result(key: str) -> dict[str, Any]:
+    """The fine-tuned model's scores, as {key: {"finetuned": ...}} (the runner leaves the zero-shot stage out)."""
+    return {key: {"finetuned": read_json("metrics/evaluate.json")[key]}}
+
+
 def finetune(key: str, tag: str) -> None:
     code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}")
     if code == 0:
-        emit("finetune", key, tag, json.loads(Path(f"metrics/finetune_{key}.json").read_text()) | {"stage_s": seconds})
+        emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds})
 
 
 def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argparse.Namespace) -> None:
-    budget = {"memory_budget_gib": args.budget_gib, "steps": args.budget_steps}
-    write_params(key, profiles, data=data, train=budget)
+    budget = {"execution": {"memory_budget_gib": args.budget_gib}, "train": {"steps": args.budget_steps}}
+    write_params(key, profiles, data=data, **budget)
     finetune(key, "budget")
     if args.compiled:
-        write_params(key, profiles, data=data, train=budget | COMPILED)
+        write_params(key, profiles, data=data, train=budget["train"], execution=budget["execution"] | COMPILED)
         finetune(key, "budget-compiled")
 
 
@@ -151,28 +174,32 @@ def main() -> None:
         if not baseline_last:
             baseline(key, 16, 1, 4)
         write_params(key, profiles, data=data)
-        timings = {name: stage(name, tag=f"{name}_{key}") for name in ("download", "tokenize")}
+        timings = {
+            "download": stage("download", tag=f"download_{key}"),
+            "base": stage("base", key, tag=f"base_{key}"),
+            "tokenize": stage("tokenize", tag=f"tokenize_{key}"),
+        }
         if args.profile_step:
             sweep = [] if args.sweep_kernels is None else ["--kernels", args.sweep_kernels]
             call([sys.executable, "benchmarks/profile_step.py", key, *sweep], f"profile_{key}")
         if not args.no_default:
             timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
-            emit("finetune", key, "default", json.loads(Path(f"metrics/finetune_{key}.json").read_text()))
+            emit("finetune", key, "default", finetune_result(key))
         if args.budget_gib and args.no_default:  # its adapter is the one evaluate scores
             budget_run(key, profiles, data, args)
         timings["evaluate"] = stage("evaluate", tag=f"evaluate_{key}")
-        emit("evaluate", key, "default", json.loads(Path("metrics/evaluate.json").read_text()))
+        emit("evaluate", key, "default", evaluate_result(key))
         emit("timings", key, "duel", timings | {"duel_wall_s": round(sum(timings.values()), 1)})
         if baseline_last:
             baseline(key, 16, 1, 4)
         if args.compiled and not args.no_default:
-            write_params(key, profiles, data=data, train=COMPILED)
+            write_params(key, profiles, data=data, execution=COMPILED)
             finetune(key, "compiled")
         if args.budget_gib and not args.no_default:
             budget_run(key, profiles, data, args)
         if args.oom_gib:
-            small = {"memory_budget_gib": args.oom_gib, "steps": 4, "gradient_checkpointing": False}
-            write_params(key, profiles, data=data, train=small)
+            small = {"memory_budget_gib": args.oom_gib, "gradient_checkpointing": False}
+            write_params(key, profiles, data=data, train={"steps": 4}, execution=small)
             finetune(key, "oom")
         if args.paper_steps:
             baseline(key, 1, 16, 2)

@@ -1,0 +1,61 @@
+"""benchmarks/run_device.py end to end on CPU with the demo's tiny models (the GPU machine is the only other place it
+runs), then benchmarks/record.py on what it wrote: the runner's results are what the records are made of."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from project_copy import copy_sources, stage_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_device_runner_results_become_records(tmp_path: Path) -> None:
+    repo = copy_sources(tmp_path)
+    out = tmp_path / "out"
+    args = ["llama", "--profile", "profiles/demo.yaml", "--baseline-last", "--budget-gib", "16", "--budget-steps", "4"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run_device.py", *args],
+        cwd=repo,
+        env=stage_env({"OUT": str(out)}),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["tag"]) for r in lines] == [
+        ("call", "argv"),
+        ("finetune", "default"),
+        ("evaluate", "default"),
+        ("timings", "duel"),
+        ("finetune", "budget"),
+    ]
+    default, budget = lines[1]["data"], lines[4]["data"]
+    assert default["steps"] == 20 and budget["steps"] == 4 and budget["memory_budget_gib"] == 16
+    assert default["attention"] == "sdpa" and default["quantization"] == "nf4-dq"  # how it ran, beside the numbers
+    assert set(lines[3]["data"]) == {"download", "base", "tokenize", "finetune", "evaluate", "duel_wall_s"}
+    log = (out / "log.txt").read_text()
+    assert "==== finetune_llama_default: exit 0" in log and "==== baseline_llama: exit" in log
+
+    # The call folder as the device tool brings it back, with the files device.sh adds, then into records.
+    call = tmp_path / "bench" / "raw" / "2026-12-03-cpu-call01"
+    shutil.copytree(out, call)
+    (call / "gpu.csv").write_text("name, driver_version, memory.total [MiB], power.limit [W]\ncpu, -, 0, 0\n")
+    (call / "versions.json").write_text(json.dumps({"torch": "cpu"}))
+    for name in ("record.py", "README.template.md"):
+        shutil.copy(repo / "benchmarks" / name, tmp_path / "bench" / name)
+    done = subprocess.run(
+        [sys.executable, "record.py", str(call)], cwd=tmp_path / "bench", capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "bench" / "records.jsonl").read_text().splitlines()]
+    by_recipe = {(r["stage"], r["recipe"]): r for r in records}
+    assert by_recipe[("finetune", "default")]["reviews_per_s"] == default["reviews_per_s"]
+    assert by_recipe[("finetune", "budget")]["memory_budget_gib"] == 16
+    scored = by_recipe[("evaluate", "default")]
+    assert scored["test_reviews"] == 400 and scored["reviews_per_s"] > 0
