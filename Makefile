@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 OFFLINE := HF_HUB_CACHE=$(abspath $(SHARED))/hf/hub HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo paper test lint shared strace
+.PHONY: setup demo paper compare test lint shared strace
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -23,8 +23,12 @@ demo: setup shared
 	-@dvc exp remove -q demo 2>/dev/null
 	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml -S data.source=$(abspath $(SHARED))/data/imdb
 	@sed -n '/^## Quality/,/^## What/p' reports/report.md | grep '^|'
-	@echo "demo: report in reports/report.md, metrics in metrics/; 'dvc exp show' lists the experiment," \
+	@echo "demo: report in reports/report.md, metrics in metrics/; 'make compare' sets experiments side by side," \
 	      "'dvc plots show' draws the curves; 'git checkout params.yaml' returns to the paper's params"
+
+# The experiments side by side: changed params and each model's headline figures (dvc exp show has them all).
+compare: setup
+	@$(PY) -m duel.compare
 
 paper: setup
 	-@dvc exp remove -q paper 2>/dev/null

@@ -39,7 +39,8 @@ def experiments(shown: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]
         for rev in [commit, *(r for e in commit.get("experiments") or [] for r in e["revs"])]:
             data = rev.get("data") or {}
             if (data.get("metrics") or {}).get("metrics/evaluate.json", {}).get("data"):
-                rows.append((rev.get("name") or rev["rev"][:7], data))
+                name = rev.get("name") or (rev["rev"] if rev["rev"] == "workspace" else rev["rev"][:7])
+                rows.append((name, data))
     return rows
 
 
@@ -55,7 +56,8 @@ def table(shown: list[dict[str, Any]]) -> pd.DataFrame:
     for (name, data), values in zip(rows, params, strict=True):
         metrics = {file.split("/")[-1]: m.get("data", {}) for file, m in data["metrics"].items()}
         record: dict[tuple[str, str], Any] = {("", "experiment"): name}
-        record[("", "changed params")] = " ".join(f"{p}={values.get(p)}" for p in changed) or "-"
+        settings = sorted((f"{p}={values.get(p)}" for p in changed), key=len)  # the short ones first, never cut
+        record[("", "changed params")] = " ".join(settings) or "-"
         keys = list(metrics.get("evaluate.json", {}))
         for key in keys:
             for label, (file, metric) in HEADLINE.items():
@@ -77,8 +79,8 @@ def main() -> None:
     if frame.empty:
         print("no experiment with metrics yet: run make demo or dvc exp run")
         return
-    with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_columns", None):
-        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.max_columns", None):
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", max_colwidth=60))
 
 
 if __name__ == "__main__":

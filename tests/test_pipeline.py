@@ -1,5 +1,6 @@
-"""The demo end to end, as a user runs it: `make demo`'s DVC experiment in a temporary copy of the repository, then
-`dvc exp run -S lora.r=8`, asserting on the metrics, plots and report the stages write."""
+"""The demo end to end, as a user runs it: `make demo` (with the shared folder somewhere else) in a fresh copy of the
+repository, then the experiments a DVC user runs next, asserting on what DVC says it re-ran and on the metrics,
+plots and report the stages write."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,55 +18,112 @@ from project_copy import copy_sources
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 pytestmark = pytest.mark.slow
+STAGES = [
+    "download",
+    "base_llama",
+    "base_deepseek",
+    "tokenize",
+    "zero_shot_llama",
+    "zero_shot_deepseek",
+    "finetune_llama",
+    "finetune_deepseek",
+    "evaluate",
+    "report",
+]
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    env = os.environ | {
+def env() -> dict[str, str]:
+    return os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "HF_HUB_CACHE": str(SHARED / "hf" / "hub"),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
 
+def ran(log: str) -> list[str]:
+    """The stages DVC ran, from its own log, in dvc.yaml's order; every other stage must say it was skipped."""
+    running = [stage for stage in STAGES if f"Running stage '{stage}'" in log]
+    skipped = [stage for stage in STAGES if f"Stage '{stage}' didn't change, skipping" in log]
+    assert sorted(running + skipped) == sorted(STAGES), log[-3000:]
+    return running
+
+
+def read(repo: Path, name: str) -> dict:
+    return json.loads((repo / name).read_text())
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A copy of the working tree (tracked and untracked files) beside ../shared, committed, with the demo run."""
-    repo = copy_sources(tmp_path_factory.mktemp("clone"))
+    """A copy of the working tree, committed, with `make demo SHARED=<another folder>` run in it (the project's
+    virtual environment reused)."""
+    base = tmp_path_factory.mktemp("clone")
+    repo = copy_sources(base)
+    (base / "elsewhere").symlink_to(SHARED)  # the shared folder under another name, as a user may have it
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     run(["git", "init", "-q"], repo)
     run([*git, "add", "-A"], repo)
     run([*git, "commit", "-qm", "copy"], repo)
-    log = run([sys.executable, "-m", "duel.profile", "profiles/demo.yaml"], repo)
+    log = run(["make", "demo", f"SHARED={base / 'elsewhere'}", f"VENV={ROOT / '.venv'}"], repo)
     return repo, log
 
 
-def test_demo_is_a_named_experiment(demo: tuple[Path, str]) -> None:
+@pytest.fixture(scope="module")
+def reruns(demo: tuple[Path, str]) -> dict[str, str]:
+    """DVC's logs of three experiments in a row after the demo, each changing one kind of param."""
+    repo, _ = demo
+    return {
+        "lora": run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8"], repo),
+        "scoring": run(["dvc", "exp", "run", "-S", "execution.eval_batch_size=25"], repo),
+        "prompt": run(["dvc", "exp", "run", "-S", "data.prompt='Text: {review} Sentiment:'"], repo),
+    }
+
+
+def test_demo_is_a_named_experiment_from_another_shared_folder(demo: tuple[Path, str]) -> None:
     repo, log = demo
     assert "Ran experiment(s): demo" in log
+    assert ran(log) == STAGES
     assert "demo" in run(["dvc", "exp", "list", "--name-only"], repo)
+    source = read(repo, "data/source.json")["source"]
+    assert Path(source).is_absolute() and "/elsewhere/" in source  # SHARED as given, usable from any folder
+    assert "| llama | finetuned |" in log  # the terminal summary
 
 
 def test_demo_metrics_cover_both_models_and_baselines(demo: tuple[Path, str]) -> None:
     repo, _ = demo
-    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    evaluate = read(repo, "metrics/evaluate.json")
     assert set(evaluate) == {"llama", "deepseek"}
     for key in evaluate:
-        assert set(evaluate[key]) == {"finetuned", "zero_shot"}
-        for metrics in evaluate[key].values():
+        zero_shot = read(repo, f"metrics/zero_shot_{key}.json")[key]["zero_shot"]
+        for metrics in (evaluate[key], zero_shot):
             for name in ("accuracy", "f1", "precision", "recall", "roc_auc"):
                 assert 0.0 <= metrics[name] <= 1.0, (key, name)
-            assert metrics["reviews"] == 400
-            assert sum(map(sum, metrics["confusion_matrix"])) == 400
-        finetune = json.loads((repo / f"metrics/finetune_{key}.json").read_text())
-        assert finetune["steps"] == 20 and finetune["quantization"] == "nf4-dq"
-        assert finetune["reviews_per_s"] > 0 and finetune["peak_vram_allocated_gib"] is None  # no GPU here
-        assert (repo / f"models/adapters/{key}/adapter_model.safetensors").stat().st_size > 0
-    data = json.loads((repo / "metrics/data.json").read_text())
-    assert data["train"]["labels"] == {"0": 160, "1": 160}
+            assert metrics["reviews"] == 400 and metrics["eval_peak_memory_gib"] > 0
+        finetune = read(repo, f"metrics/finetune_{key}.json")[key]
+        assert finetune["steps"] == 20 and finetune["reviews_per_s"] > 0
+        assert finetune["peak_memory_gib"] > 0 and finetune["peak_vram_allocated_gib"] is None  # RSS: no GPU here
+        run_info = read(repo, f"models/adapters/{key}/training.json")["run"]
+        assert run_info["quantization"] == "nf4-dq" and run_info["device"] == "cpu"
+        scoring = read(repo, f"data/predictions/{key}_finetuned/scoring.json")
+        assert sum(map(sum, scoring["confusion_matrix"])) == 400
+    assert read(repo, "metrics/data.json")["reviews"]["train"]["labels"] == {"0": 160, "1": 160}
+
+
+def test_metrics_files_hold_numbers_only(demo: tuple[Path, str]) -> None:
+    repo, _ = demo
+
+    def leaves(tree: object) -> list[object]:
+        return [v for sub in tree.values() for v in leaves(sub)] if isinstance(tree, dict) else [tree]
+
+    for path in sorted((repo / "metrics").glob("*.json")):
+        kinds = {type(v).__name__ for v in leaves(json.loads(path.read_text()))}
+        assert kinds <= {"int", "float", "NoneType"}, (path.name, kinds)
 
 
 def test_demo_per_step_series_and_dvc_plots(demo: tuple[Path, str]) -> None:
@@ -94,17 +153,80 @@ def test_demo_report(demo: tuple[Path, str]) -> None:
         assert (repo / "reports/figures" / figure).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_lora_rank_experiment_reruns_only_finetune_and_after(demo: tuple[Path, str]) -> None:
+def test_lora_change_reruns_the_finetunes_and_what_follows(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    """Not the data, the base models, the tokens, nor the zero-shot scores: none of them depends on LoRA."""
     repo, _ = demo
-    log = run(["dvc", "exp", "run", "-S", "lora.r=8"], repo)
-    assert "Stage 'download' didn't change, skipping" in log
-    assert "Stage 'tokenize' didn't change, skipping" in log
-    for stage in ("finetune_llama", "finetune_deepseek", "evaluate", "report"):
-        assert f"Running stage '{stage}'" in log
-    finetune = json.loads((repo / "metrics/finetune_llama.json").read_text())
-    assert finetune["trainable_parameters"] == 46080  # half of r=16's 92,160
-    params = run(["dvc", "exp", "diff", "demo", "--json"], repo)
-    diff = json.loads(params)
+    assert ran(reruns["lora"]) == ["finetune_llama", "finetune_deepseek", "evaluate", "report"]
+    diff = json.loads(run(["dvc", "exp", "diff", "demo", "rank8", "--json"], repo))
     assert diff["params"]["params.yaml"]["lora.r"] == {"old": 16, "new": 8, "diff": -8}
-    metrics = run(["dvc", "metrics", "diff", "demo", "--json"], repo)
-    assert "trainable_parameters" in json.loads(metrics)["metrics/finetune_llama.json"]
+    metrics = json.loads(run(["dvc", "metrics", "diff", "demo", "--json"], repo))
+    assert metrics["metrics/finetune_llama.json"]["llama.trainable_parameters"]["diff"] == -46080  # r 16 -> 8
+
+
+def test_scoring_change_reruns_the_scoring_only(reruns: dict[str, str]) -> None:
+    assert ran(reruns["scoring"]) == ["zero_shot_llama", "zero_shot_deepseek", "evaluate", "report"]
+
+
+def test_prompt_change_reruns_tokenize_and_everything_after(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    repo, _ = demo
+    assert ran(reruns["prompt"]) == STAGES[3:]
+    trained_on = read(repo, "models/adapters/llama/training.json")["params"]["data"]["prompt"]
+    assert trained_on == "Text: {review} Sentiment:"  # the adapter scored is the one trained under the new prompt
+
+
+def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    """duel/attention.py is imported by model loading: both fine-tunes and all scoring depend on it, the rest not."""
+    repo, _ = demo
+    assert "up to date" in run(["dvc", "status"], repo)
+    module = repo / "duel" / "attention.py"
+    original = module.read_text()
+    module.write_text(original + "\n# edited\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo))
+    finally:
+        module.write_text(original)
+    assert sorted(status) == sorted(
+        ["zero_shot_llama", "zero_shot_deepseek", "finetune_llama", "finetune_deepseek", "evaluate"]
+    )
+    assert all({"changed deps": {"duel/attention.py": "modified"}} in status[stage] for stage in status)
+
+
+def test_compare_fits_a_terminal(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    """make compare: the experiments, what differs between them, and each model's headline figures in 200 columns."""
+    repo, _ = demo
+    shown = run([sys.executable, "-m", "duel.compare"], repo)
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 200, shown
+    assert "llama" in lines[0] and "deepseek" in lines[0]
+    row = next(line for line in lines if line.lstrip().startswith("rank8"))
+    assert "lora.r=8" in row
+    demo_row = next(line for line in lines if line.lstrip().startswith("demo "))
+    accuracy = read(repo, "metrics/evaluate.json")["llama"]["accuracy"]  # the workspace: the last run
+    workspace = next(line for line in lines if line.lstrip().startswith("workspace "))
+    assert f"{accuracy:.3f}" in workspace and len(demo_row.split()) >= 11
+
+
+def test_queued_seeds_run_in_parallel(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    """`dvc exp run --queue` with two seeds, then `dvc queue start -j 2`: each runs in its own copy of the project
+    (.dvc/tmp/exps/), where only absolute paths and the environment reach ../shared."""
+    repo, _ = demo
+    for seed in (1, 2):
+        run(["dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"seed={seed}"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo)
+        if not any(state in status for state in ("Queued", "Running")):
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status + run(["dvc", "queue", "logs", "seed1"], repo)[-3000:]
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
+    done = {
+        rev["name"]: rev["data"]["metrics"]["metrics/evaluate.json"]["data"]
+        for commit in shown
+        for exp in commit.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name") in ("seed1", "seed2")
+    }
+    assert set(done) == {"seed1", "seed2"}, status
+    assert all(set(metrics) == {"llama", "deepseek"} for metrics in done.values())

@@ -47,6 +47,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     newest complete checkpoint."""
     repo = make_copy(tmp_path_factory.mktemp("crashed"), SMALL_RUN)
     run_stage(repo, "download")
+    run_stage(repo, "base", "llama")
     run_stage(repo, "tokenize")
     log = repo.parent / "killed.log"
     with log.open("w") as out:
@@ -89,8 +90,8 @@ def test_resume_matches_uninterrupted_run(
 ) -> None:
     step, repo = crashed[1], resumed.repo
     assert f"resuming from {CHECKPOINTS}/checkpoint-{step} (step {step})" in resumed.log
-    metrics = json.loads((repo / "metrics/finetune_llama.json").read_text())
-    reference = json.loads((reference_run.repo / "metrics/finetune_llama.json").read_text())
+    metrics = json.loads((repo / "metrics/finetune_llama.json").read_text())["llama"]
+    reference = json.loads((reference_run.repo / "metrics/finetune_llama.json").read_text())["llama"]
     assert metrics["resumed_from_step"] == step > 0
     assert reference["resumed_from_step"] == 0
     assert (metrics["steps"], metrics["final_loss"]) == (reference["steps"], reference["final_loss"])
@@ -106,7 +107,7 @@ def test_resume_matches_uninterrupted_run(
 
 def test_resume_keeps_the_mean_loss(resumed: StageRun, reference_run: StageRun) -> None:
     metrics, reference = (
-        json.loads((run.repo / "metrics/finetune_llama.json").read_text()) for run in (resumed, reference_run)
+        json.loads((run.repo / "metrics/finetune_llama.json").read_text())["llama"] for run in (resumed, reference_run)
     )
     assert metrics["train_loss_mean"] == reference["train_loss_mean"]
 

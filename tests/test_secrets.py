@@ -58,7 +58,8 @@ def test_token_in_no_output_and_no_log(token_run: StageRun, hub_token: str) -> N
         "models/adapters/llama/training.json",
         "models/base/llama/model.json",
         "plots/llama/params.yaml",
-        "data/predictions/llama_finetuned.csv",
+        "data/predictions/llama_finetuned/predictions.csv",
+        "data/predictions/llama_zero_shot/scoring.json",
         "reports/report.md",
     ):
         assert expected in written, f"{expected} was not written: the scan would miss it"

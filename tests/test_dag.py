@@ -1,0 +1,150 @@
+"""dvc.yaml is the contract: every stage declares every project file it imports and every file it reads. Checked two
+ways: from the code (each stage script's import closure within the project) and by running each stage under
+strace in a copy of the project and matching every file it opened against its deps and outs."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from dag import import_closure, stage_module, stages
+from project_copy import make_copy, stage_command, stage_env
+
+# Read by a stage without being a dependency, each for a reason:
+RUNTIME = (
+    "params.yaml",  # its keys are declared under params:, one by one
+    ".cache/",  # download's cache of a downloaded tarball (the tarball's checksum is checked and recorded)
+    "checkpoints/",  # a fine-tune's own checkpoints, resumed after a crash and removed when it ends
+    ".git/",  # DVCLive looks up the commit it runs on
+    ".dvc/",  # and the DVC repository around it,
+    ".dvcignore",  # with the files it ignores
+)
+# The project folder itself: Python lists it to find the `stages` package (python -m runs from it).
+ROOT_FOLDER = "."
+
+
+def declared(stage: dict, key: str) -> list[str]:
+    """The paths of a stage's deps or outs (outs and metrics are mappings when they carry options)."""
+    entries = stage.get(key, [])
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_deps_name_every_module_the_stage_imports(name: str) -> None:
+    stage = stages()[name]
+    code = {dep for dep in declared(stage, "deps") if dep.endswith(".py")}
+    closure = import_closure(stage_module(stage["cmd"]))
+    assert closure - code == set(), f"{name} imports {sorted(closure - code)}: add them to its deps in dvc.yaml"
+    assert code - closure == set(), f"{name} lists {sorted(code - closure)}, which it does not import"
+
+
+def test_import_closure_follows_lazy_and_indirect_imports(tmp_path: Path) -> None:
+    """The closure is the files Python would run: a function's import counts, and so does a module's own imports."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "duel").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "duel" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "x.py").write_text("from duel import a\n\ndef main():\n    import duel.b\n")
+    (tmp_path / "duel" / "a.py").write_text("import os\nfrom duel.c import thing\n")
+    (tmp_path / "duel" / "b.py").write_text("")
+    (tmp_path / "duel" / "c.py").write_text("thing = 1\n")
+    (tmp_path / "duel" / "unused.py").write_text("")
+    assert import_closure("stages.x", tmp_path) == {
+        "stages/__init__.py",
+        "stages/x.py",
+        "duel/__init__.py",
+        "duel/a.py",
+        "duel/b.py",
+        "duel/c.py",
+    }
+
+
+OPEN = re.compile(
+    r'^\d+\s+open(?:at)?\((?:AT_FDCWD, )?"(?P<path>[^"]+)", (?P<flags>[A-Z_|]+)[^)]*\)\s+=\s+(?P<fd>-?\d+)'
+)
+
+
+def files_read(trace: Path, repo: Path) -> set[str]:
+    """Project paths a traced process opened for reading (files and folders), relative to the project; a module's
+    compiled bytecode counts as its source."""
+    read = set()
+    for line in trace.read_text().splitlines():
+        match = OPEN.match(line)
+        if not match or int(match["fd"]) < 0 or "O_WRONLY" in match["flags"]:
+            continue
+        path = (repo / match["path"]).resolve()
+        if not path.is_relative_to(repo):
+            continue
+        name = str(path.relative_to(repo))
+        if "__pycache__/" in name:  # duel/__pycache__/io.cpython-311.pyc -> duel/io.py
+            folder, compiled = name.split("/__pycache__/")
+            name = f"{folder}/{compiled.split('.')[0]}.py"
+        read.add(name)
+    return read
+
+
+def covered(path: str, allowed: list[str]) -> bool:
+    return any(path == a.rstrip("/") or path.startswith(a.rstrip("/") + "/") for a in allowed)
+
+
+@pytest.mark.slow
+def test_every_file_a_stage_reads_is_declared(tmp_path: Path) -> None:
+    """Each stage of dvc.yaml, in order, on a tiny run of both models, under strace: every project file or folder it
+    opened for reading is one of its deps or outs (or RUNTIME); so is every folder it lists."""
+    if shutil.which("strace") is None:
+        pytest.fail("strace is needed (apt-get install strace; make test installs it)")
+    small = {"train.steps": 2, "execution.save_steps": 1, "data.train_size": 32, "data.test_size": 16}
+    repo = make_copy(tmp_path, small, models=("llama", "deepseek")).resolve()
+    undeclared = {}
+    for name, stage in stages(repo).items():
+        trace = tmp_path / f"{name}.strace"
+        command = ["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(trace), *stage_command_of(stage)]
+        done = subprocess.run(command, cwd=repo, env=stage_env(), capture_output=True, text=True)
+        assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
+        allowed = [*declared(stage, "deps"), *declared(stage, "outs"), *declared(stage, "metrics"), *RUNTIME]
+        # Outputs are written to a temporary sibling first (.<name>.<random>.tmp), then renamed.
+        written = declared(stage, "outs") + declared(stage, "metrics")
+        allowed += [str(Path(out).parent / f".{Path(out).name}.") for out in written]
+        opened = files_read(trace, repo) - {ROOT_FOLDER}
+        missing = sorted(p for p in opened if not covered(p, allowed) and not temporary(p, allowed))
+        if missing:
+            undeclared[name] = missing
+    assert undeclared == {}, f"read but not declared in dvc.yaml: {undeclared}"
+
+
+def stage_command_of(stage: dict) -> list[str]:
+    """dvc.yaml's `python -m stages.X arg` as the test's interpreter runs it."""
+    words = stage["cmd"].split()
+    return stage_command(words[words.index("-m") + 1].split(".")[1], *words[words.index("-m") + 2 :])
+
+
+def temporary(path: str, allowed: list[str]) -> bool:
+    """A temporary sibling of an output, or a folder above an output (made or listed while writing it)."""
+    return any(path.startswith(a) for a in allowed if a.endswith(".")) or any(a.startswith(path + "/") for a in allowed)
+
+
+def test_dag_chains_the_card_stages() -> None:
+    """The card's six stages stay, in its order along the graph's edges."""
+    graph = stages()
+    outs = {out: name for name, stage in graph.items() for out in declared(stage, "outs") + declared(stage, "metrics")}
+    upstream = {name: {outs[d] for d in declared(stage, "deps") if d in outs} for name, stage in graph.items()}
+    chain = ["download", "tokenize", "finetune_llama", "evaluate", "report"]
+    for before, after in itertools.pairwise(chain):
+        assert before in ancestors(after, upstream), f"{before} is not upstream of {after}"
+    assert "finetune_deepseek" in ancestors("evaluate", upstream)
+    assert {"base_llama", "base_deepseek"} <= ancestors("tokenize", upstream)
+    assert "finetune_llama" not in ancestors("zero_shot_llama", upstream)  # a LoRA change never re-scores a base
+
+
+def ancestors(name: str, upstream: dict[str, set[str]]) -> set[str]:
+    found, todo = set(), [name]
+    while todo:
+        for parent in upstream[todo.pop()]:
+            if parent not in found:
+                found.add(parent)
+                todo.append(parent)
+    return found
