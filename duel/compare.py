@@ -29,7 +29,9 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
     if not isinstance(tree, dict) or not tree:
         return {prefix: tree}
-    return {name: value for key, sub in tree.items() for name, value in flat(sub, f"{prefix}{key}.").items()}
+    return {
+        name: value for key, sub in tree.items() for name, value in flat(sub, f"{prefix}.{key}".lstrip(".")).items()
+    }
 
 
 def experiments(shown: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
