@@ -6,7 +6,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 OFFLINE := HF_HUB_CACHE=$(abspath $(SHARED))/hf/hub HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 .PHONY: setup demo paper compare test lint shared strace
+# dvc plots show writes a page that renders offline: Vega's scripts inlined in its template (npm pack, pinned).
 setup: $(VENV)/.installed
+	@$(PY) -m duel.offline_plots
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +24,7 @@ shared:
 demo: setup shared
 	-@dvc exp remove -q demo 2>/dev/null
 	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml -S data.source=$(abspath $(SHARED))/data/imdb
+	@grep -h '^> \*\*Warning' reports/report.md | sed 's/^> //; s/\*\*//g' || true
 	@sed -n '/^## Quality/,/^## What/p' reports/report.md | grep '^|'
 	@echo "demo: report in reports/report.md, metrics in metrics/; 'make compare' sets experiments side by side," \
 	      "'dvc plots show' draws the curves; 'git checkout params.yaml' returns to the paper's params"

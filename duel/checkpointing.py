@@ -14,6 +14,13 @@ def gpu_memory_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
 
 
+def limit_gpu_memory(budget_gib: float | None) -> None:
+    """execution.memory_budget_gib: cap torch's caching allocator at the budget (a no-op without one or a GPU)."""
+    total = gpu_memory_gib()
+    if budget_gib and total:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total))
+
+
 def decoder_layers(model: Any) -> list[Any]:
     """The model's decoder layers, the units transformers checkpoints."""
     from transformers.modeling_layers import GradientCheckpointingLayer

@@ -65,8 +65,8 @@ def override_value(value: Any) -> str:
 
 def overlay(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
     """params.yaml's tree with a profile's overrides laid over it (the one way profiles, the benchmark runner and the
-    tests change params)."""
-    return apply(base, flatten(base, profile))
+    tests change params); relative local paths made absolute from the current folder."""
+    return apply(base, absolute_paths(flatten(base, profile)))
 
 
 PATH_PARAMS = re.compile(r"data\.source|models\.[^.]+\.checkpoint")

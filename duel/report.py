@@ -11,8 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+import yaml
 
 from duel.io import write_with
+from duel.params import Params, as_dict
 
 # Reported in Battula (2025), Sections 1 and 4 (single A100 40 GB, 4-bit NF4, LoRA r=16, 200 steps). Quoted so the
 # report can set them beside our measurements; they are claims to test, not results of this pipeline.
@@ -85,3 +87,67 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
             f"{fmt(m['energy_j'], 0)} | {PAPER_REPORTED.get(key, {}).get('train', '')} |"
         )
     return rows
+
+
+def random_weights_warning(bases: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning, first in the report, when any model had random weights: its accuracy means nothing."""
+    random = [key for key, base in bases.items() if base["source"] == "random"]
+    if not random:
+        return []
+    shapes = ", ".join(f"{k}: {bases[k]['num_hidden_layers']} layers, hidden {bases[k]['hidden_size']}" for k in random)
+    return [
+        f"> **Warning: {', '.join(random)} had random weights** (`init: random`; {shapes}). Accuracy and F1 here say "
+        "nothing about the real models; time and memory are those of this architecture on this machine.",
+        "",
+    ]
+
+
+def report_markdown(
+    params: Params,
+    bases: dict[str, dict[str, Any]],
+    reviews: dict[str, Any],
+    source: dict[str, Any],
+    tokenize: dict[str, Any],
+    finetune: dict[str, dict[str, Any]],
+    evaluate: dict[str, dict[str, dict[str, Any]]],
+) -> str:
+    """reports/report.md: the warning, quality beside the paper's claims, the hardware bill, the data, the
+    resolved configuration."""
+    lines = ["# Fine-tuning duel: report", "", *random_weights_warning(bases)]
+    lines += [
+        "## Quality on the test reviews",
+        "",
+        f"{reviews['test']['count']} test reviews ({reviews['test']['labels']} per label), "
+        f"{reviews['train']['count']} training reviews; scored by the logits of {params.data.label_words} at the "
+        "answer position. The paper's numbers are its claims, quoted for comparison, not reproduced by this run.",
+        "",
+        *quality_table(evaluate),
+        "",
+        "## What the hardware paid (fine-tuning)",
+        "",
+        *hardware_table(finetune),
+        "",
+        "Definitions: `duel/telemetry.py`. Tokens/s counts real tokens (padding excluded).",
+        "",
+        "![training loss](figures/loss.png)",
+        "",
+        "![memory](figures/memory.png)",
+        "",
+        "## Data",
+        "",
+        f"Source `{source['source']}` ({source['source_kind']}, SHA-256 `{source['source_sha256'][:16]}…`); "
+        f"{reviews['train_also_in_test']} training reviews that also appear in the test split were kept out of "
+        "training.",
+        "",
+    ]
+    for key, run in finetune.items():
+        t = tokenize[key]["prompt_tokens"]["test"]
+        lines.append(
+            f"- {key}: test prompts {t['tokens_mean']} tokens on average (p95 {t['tokens_p95']}), "
+            f"{t['truncated_share']:.1%} cut to {params.data.max_length} tokens; attention {run['attention']}, "
+            f"precision {run['precision']}, quantization {run['quantization']}, micro-batch {run['micro_batch']} x "
+            f"{run['grad_accum']}."
+        )
+    config = yaml.safe_dump(as_dict(params), sort_keys=False).strip()
+    lines += ["", "## Resolved configuration", "", "```yaml", config, "```", ""]
+    return "\n".join(lines)

@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from dvclive import Live
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import TrainOutput
 
+from duel.checkpointing import checkpointed_layers, decoder_layers, switch_on_checkpointing
 from duel.errors import TrainingError
+from duel.modeling import quantization_name
 from duel.params import Params
-from duel.telemetry import memory_now_gib
+from duel.telemetry import GpuSampler, Stopwatch, memory_kind, memory_now_gib, peak_memory
 
 IGNORE = -100
 
@@ -354,4 +357,97 @@ def throughput(
         "tokens_per_s": round(float(real_tokens[timed].sum()) / seconds, 1),
         "padded_tokens_per_s": round(float(padded_tokens[timed].sum()) / seconds, 1),
         "padding_share": round(1 - float(real_tokens.sum()) / float(padded_tokens.sum()), 4),
+    }
+
+
+@dataclass
+class FineTune:
+    """A finished fine-tune: the Trainer's run (after any out-of-memory back-off) and what it cost."""
+
+    run: BackoffResult
+    seconds: float
+    hardware: dict[str, float | None]
+    real_tokens: np.ndarray
+    """Real tokens per optimizer step, at the micro-batch the run finished with."""
+    padded_tokens: np.ndarray
+
+
+def fine_tune(
+    model: Any,
+    dataset: ReviewDataset,
+    lengths: np.ndarray,
+    order: np.ndarray,
+    params: Params,
+    collator: AnswerCollator,
+    live: Live,
+    checkpoints: Path,
+    resume: Path | None,
+) -> FineTune:
+    """Train `model` with the Hugging Face Trainer on `dataset` (rows in training order), logging every step to
+    `live` (DVCLive) and saving checkpoints to `checkpoints`; resume from `resume` when given. On a CUDA out-of-memory
+    error the run goes on with less memory (train_with_backoff)."""
+    token_counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def build(micro_batch: int) -> Trainer:
+        run_params = with_micro_batch(params, micro_batch)
+        token_counts[micro_batch] = step_token_counts(lengths, order, run_params)
+        callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size), LiveStep(live)]
+        return Trainer(
+            model=model,
+            args=training_arguments(run_params, checkpoints),
+            train_dataset=dataset,
+            data_collator=collator,
+            compute_loss_func=answer_loss,
+            callbacks=[*callbacks, DVCLiveCallback(live=live)],
+        )
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sampler, watch = GpuSampler().start(), Stopwatch()
+    run = train_with_backoff(
+        build,
+        params.train.batch_size,
+        params.execution.micro_batch,
+        str(resume) if resume else None,
+        lambda: switch_on_checkpointing(model),
+    )
+    seconds = watch.elapsed_s()
+    return FineTune(run, seconds, sampler.stop() | peak_memory(), *token_counts[run.micro_batch])
+
+
+def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int) -> dict[str, Any]:
+    """The numbers of a fine-tune: loss, speed over the steps this process ran, memory, energy, and what the
+    back-off left it with."""
+    steps_timed = params.train.steps - start_step
+    trainable, total = model.get_nb_trainable_parameters()
+    energy = done.hardware["energy_j"]
+    return {
+        **loss_summary(done.run.trainer.state.log_history),
+        "steps": done.run.trainer.state.global_step,
+        "resumed_from_step": start_step,
+        **throughput(params, start_step, done.seconds, done.real_tokens, done.padded_tokens),
+        **done.hardware,
+        "energy_j_per_step": round(energy / steps_timed, 2) if energy else None,
+        "checkpointed_layers": checkpointed_layers(model),
+        "micro_batch": done.run.micro_batch,
+        "grad_accum": params.train.batch_size // done.run.micro_batch,
+        "oom_retries": done.run.oom_retries,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+
+
+def run_description(key: str, model: Any, params: Params, attention: str, kernels: str) -> dict[str, Any]:
+    """How a fine-tune was executed, in words (kept beside its adapter, not among its metrics)."""
+    return {
+        "model": key,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "attention": attention,
+        "kernels": kernels,
+        "compiled": params.execution.compile,
+        "precision": params.execution.precision,
+        "quantization": quantization_name(params.quantization),
+        "padding": params.execution.padding,
+        "gradient_checkpointing": f"{checkpointed_layers(model)} of {len(decoder_layers(model))} layers",
+        "memory": memory_kind(),
     }
