@@ -53,7 +53,7 @@ def loss_curve(base: Path, overrides: dict[str, Any]) -> list[float]:
     """The per-step training losses of the demo's llama with COMMON and `overrides`, run in a copy under `base`."""
     base.mkdir(parents=True, exist_ok=True)
     repo = make_copy(base, COMMON | overrides)
-    for stage in (("download",), ("tokenize",), ("finetune", "llama")):
+    for stage in (("download",), ("base", "llama"), ("tokenize",), ("finetune", "llama")):
         run_stage(repo, *stage)
     series = pd.read_csv(repo / "plots/llama/plots/metrics/loss.tsv", sep="\t")
     assert series["step"].tolist() == list(range(1, STEPS + 1))
