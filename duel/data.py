@@ -132,6 +132,19 @@ def check_schema(frame: pd.DataFrame, split: str, source: str) -> pd.DataFrame:
     return frame.assign(label=frame["label"].astype("int64"))
 
 
+def with_review_ids(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The split with a first column review_id = "<split>-<row>", row = the review's position in the whole split as
+    read from data.source (test-0, test-1, ...).
+
+    A position, not a hash of the text: IMDB repeats some reviews word for word (191 texts of its test split occur
+    two to five times), and a text hash would give those reviews one id. The position is unique, survives
+    re-sampling (a subset keeps its rows' ids, whatever the seed or size) and, with the source's SHA-256 in
+    data/source.json, names the review in that source: the parquet mirror's row, or for aclImdb the n-th file of
+    neg/ then pos/ in numeric file order.
+    """
+    return frame.assign(review_id=[f"{split}-{row}" for row in range(len(frame))])[["review_id", *frame.columns]]
+
+
 def stratified_sample(frame: pd.DataFrame, size: int, seed: int, key: str) -> pd.DataFrame:
     """Draw `size` rows with the label shares of `frame` (half and half for IMDB), seeded; row order shuffled."""
     if size > len(frame):

@@ -102,11 +102,16 @@ def confusion(labels: np.ndarray, logits: np.ndarray) -> list[list[int]]:
     return confusion_matrix(labels, predicted, labels=[0, 1]).tolist()
 
 
-def predictions_frame(labels: np.ndarray, logits: np.ndarray) -> pd.DataFrame:
+def predictions_frame(reviews: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame:
+    """One row per review of `reviews` (review_id, label), in its order: its id, the label, the prediction, the score
+    (positive minus negative label-word logit; predicted positive when above 0, the ranking ROC-AUC is computed on)
+    and the two logits. Other runs' predictions are paired with these by review_id, never by row."""
     return pd.DataFrame(
         {
-            "actual": labels,
+            "review_id": reviews["review_id"].to_numpy(),
+            "actual": reviews["label"].to_numpy(),
             "predicted": (logits[:, 1] > logits[:, 0]).astype(int),
+            "score": logits[:, 1] - logits[:, 0],
             "logit_negative": logits[:, 0],
             "logit_positive": logits[:, 1],
         }

@@ -188,6 +188,8 @@ class Params:
     execution: ExecutionParams
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ParamsError(f"seed: {self.seed} is outside [0, 2**32 - 1], the range numpy and torch seed from")
         if not self.models:
             raise ParamsError("models: define at least one model section (e.g. llama)")
         if self.train.batch_size % self.execution.micro_batch:

@@ -74,10 +74,18 @@ def build_prompts(
 def tokenize_split(
     frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, params: DataParams
 ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One row per review of `frame` (review_id, text, label), in its order: its review_id and label, the prompt's
+    token ids, their number and whether the review was cut; and the split's length statistics."""
     ids, truncated = build_prompts(frame["text"].tolist(), tokenizer, params)
     lengths = np.array([len(x) for x in ids])
     out = pd.DataFrame(
-        {"input_ids": ids, "label": frame["label"].to_numpy(), "n_tokens": lengths, "truncated": truncated}
+        {
+            "review_id": frame["review_id"].to_numpy(),
+            "input_ids": ids,
+            "label": frame["label"].to_numpy(),
+            "n_tokens": lengths,
+            "truncated": truncated,
+        }
     )
     stats = {
         "reviews": len(out),

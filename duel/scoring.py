@@ -28,8 +28,8 @@ def score_model(
     model: ModelParams, params: Params, base: Path, tokens: Path, adapter: Path | None, out_dir: Path, desc: str
 ) -> dict[str, Any]:
     """Score `base` (with `adapter` merged in or beside it, when given) on tokens/test.parquet. Writes out_dir/
-    (predictions.csv, one row per review in test order; scoring.json, how it was scored and the confusion matrix)
-    and returns the metrics: quality, then what scoring paid."""
+    (predictions.csv, one row per review: review_id, label, prediction, score, logits; scoring.json, how it was
+    scored and the confusion matrix) and returns the metrics: quality, then what scoring paid."""
     test = pd.read_parquet(tokens / "test.parquet")
     labels = test["label"].to_numpy()
     answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
@@ -50,7 +50,7 @@ def score_model(
         torch.cuda.empty_cache()
 
     with atomic_dir(out_dir) as tmp:
-        predictions_frame(labels, logits).to_csv(tmp / "predictions.csv", index=False)
+        predictions_frame(test, logits).to_csv(tmp / "predictions.csv", index=False)
         write_json(
             tmp / "scoring.json",
             {

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,6 +184,11 @@ class StepTelemetry(TrainerCallback):
             raise TrainingError(
                 f"train: loss is {logs['loss']} at step {state.global_step}; the likely cause is fp16 overflow: "
                 "set execution.precision: bf16 (or lower train.learning_rate)"
+            )
+        if not math.isfinite(logs.get("grad_norm", 0.0)):
+            raise TrainingError(
+                f"train: the gradient norm is {logs['grad_norm']} at step {state.global_step}; the training "
+                f"diverged: lower train.learning_rate ({args.learning_rate:g}; the paper uses 2e-5)"
             )
         now = time.perf_counter()
         steps = slice(self.last_step, state.global_step)
@@ -412,7 +420,46 @@ def fine_tune(
         lambda: switch_on_checkpointing(model),
     )
     seconds = watch.elapsed_s()
+    check_finite_weights(model, params)
     return FineTune(run, seconds, sampler.stop() | peak_memory(), *token_counts[run.micro_batch])
+
+
+def check_finite_weights(model: Any, params: Params) -> None:
+    """Stop before anything is saved when a trained weight is NaN or infinite (a diverged run can log a finite loss)."""
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if broken:
+        raise TrainingError(
+            f"train: {len(broken)} LoRA weight tensors hold NaN or infinite values after training (first: "
+            f"{broken[0]}); the training diverged: lower train.learning_rate ({params.train.learning_rate:g}; the "
+            "paper uses 2e-5)"
+        )
+
+
+def training_fingerprint(params: Params, key: str, files: list[Path]) -> str:
+    """What a checkpoint was trained with: every param the fine-tune reads, and the files it trains from."""
+    digest = hashlib.sha256()
+    read = {
+        "seed": params.seed,
+        "max_length": params.data.max_length,
+        "model": dataclasses.asdict(params.model(key)),
+        **{part: dataclasses.asdict(getattr(params, part)) for part in ("quantization", "lora", "train", "execution")},
+    }
+    digest.update(json.dumps(read, sort_keys=True).encode())
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def resumable_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, int]:
+    """The newest complete checkpoint in `folder` if it was trained with `fingerprint`, else (None, 0): checkpoints
+    of a run with other params or data are removed, never resumed into this one."""
+    recorded = folder / "fingerprint.json"
+    if folder.exists() and not (recorded.is_file() and json.loads(recorded.read_text()) == fingerprint):
+        shutil.rmtree(folder)
+        print(f"finetune: {folder} held checkpoints of a run with other params or data; removed, starting afresh")
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(fingerprint))
+    return last_checkpoint(folder)
 
 
 def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int) -> dict[str, Any]:

@@ -4,7 +4,8 @@ the network for data.
     python -m stages.download        (run by `dvc repro`)
 
 Reads params: seed, data.source, data.source_sha256, data.train_size, data.test_size. Reads data.source (a hub data
-set, a URL, or a local folder). Writes data/train.parquet, data/test.parquet and metrics/data.json.
+set, a URL, or a local folder). Writes data/train.parquet, data/test.parquet (review_id, text, label; review_id =
+"<split>-<row in the source split>") and metrics/data.json.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from duel import cli
-from duel.data import check_schema, label_balance, read_source, stratified_sample
+from duel.data import check_schema, label_balance, read_source, stratified_sample, with_review_ids
 from duel.io import write_json, write_parquet
 from duel.params import load_params
 
@@ -23,8 +24,9 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
 
     splits = read_source(params.data, cache)
-    train = check_schema(splits.train, "train", params.data.source)
-    test = check_schema(splits.test, "test", params.data.source)
+    # Each review is named by its split and row before anything is dropped or drawn (duel.data.with_review_ids).
+    train = with_review_ids(check_schema(splits.train, "train", params.data.source), "train")
+    test = with_review_ids(check_schema(splits.test, "test", params.data.source), "test")
 
     # IMDB repeats some reviews across its splits; training on a test review would inflate accuracy.
     in_test = train["text"].isin(set(test["text"]))

@@ -30,9 +30,10 @@ from duel.training import (
     ReviewDataset,
     fine_tune,
     finetune_metrics,
-    last_checkpoint,
     micro_batch_tokens,
+    resumable_checkpoint,
     run_description,
+    training_fingerprint,
     training_order,
 )
 
@@ -65,7 +66,8 @@ def main() -> None:
         f"{execution.gradient_checkpointing}, memory budget {budget} GiB, largest micro-batch {largest} tokens)"
     )
 
-    last, start_step = last_checkpoint(checkpoints)
+    fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])
+    last, start_step = resumable_checkpoint(checkpoints, fingerprint)
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
     live = QuietLive(str(Path("plots") / key), dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)

@@ -70,6 +70,8 @@ def test_int_accepted_where_float_expected(raw_params):
         ("execution.pack_tokens", 256, "execution.pack_tokens"),  # shorter than data.max_length 512
         ("train.warmup_steps", -1, "train.warmup_steps"),
         ("execution.save_steps", -1, "execution.save_steps"),
+        ("seed", -1, "seed"),
+        ("seed", 2**32, "seed"),  # beyond what numpy and torch seed from
         ("quantization.quant_type", "int8", "quantization.quant_type"),
         ("execution.precision", "fp8", "execution.precision"),
         ("models.deepseek.overrides", {"num_hidden_layers": 2}, "models.deepseek.overrides"),  # init: pretrained

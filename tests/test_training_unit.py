@@ -415,3 +415,55 @@ def test_varlen_attention_refuses_padded_batches(tiny_model):
             forward(tiny_model, batch)
     finally:
         tiny_model.set_attn_implementation(original)
+
+
+def test_telemetry_stops_on_a_diverged_gradient(tmp_path):
+    """A run can log a finite loss while its gradients are NaN (a learning rate of 2e+5 for 2e-5): the gradient norm
+    the Trainer logs stops it, with the learning rate named."""
+    callback = StepTelemetry(np.array([100.0, 200.0]), np.array([128.0, 256.0]), batch_size=16)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=2e5)
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    state.global_step = 1
+    callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": 3.0})  # finite: goes on
+    with pytest.raises(TrainingError, match=r"gradient norm is nan at step 1.*train\.learning_rate \(200000"):
+        callback.on_log(args, state, control, logs={"loss": 0.0, "grad_norm": float("nan")})
+
+
+def test_nonfinite_lora_weights_stop_before_saving(tiny_model, params):
+    from peft import LoraConfig, get_peft_model
+
+    from duel.training import check_finite_weights
+
+    model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    check_finite_weights(model, params)  # a fresh adapter is finite
+    lora = next(p for name, p in model.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora[0, 0] = float("inf")
+    try:
+        with pytest.raises(TrainingError, match=r"1 LoRA weight tensors hold NaN or infinite values"):
+            check_finite_weights(model, params)
+    finally:
+        model.unload()  # the session's tiny model, as it was
+
+
+def test_checkpoints_of_other_params_are_removed(tmp_path, params):
+    import dataclasses
+
+    from duel.training import resumable_checkpoint, training_fingerprint
+
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"tokens")
+    folder = tmp_path / "checkpoints"
+    first = training_fingerprint(params, "llama", [data])
+    assert resumable_checkpoint(folder, first) == (None, 0)
+    (folder / "checkpoint-4").mkdir()
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert resumable_checkpoint(folder, first) == (folder / "checkpoint-4", 4)  # same params: resumed
+
+    other_lora = dataclasses.replace(params, lora=dataclasses.replace(params.lora, r=8))
+    assert training_fingerprint(other_lora, "llama", [data]) != first  # other params
+    data.write_bytes(b"other tokens")
+    assert training_fingerprint(params, "llama", [data]) != first  # other data
+    assert resumable_checkpoint(folder, training_fingerprint(other_lora, "llama", [data])) == (None, 0)
+    assert not (folder / "checkpoint-4").exists()
