@@ -22,7 +22,7 @@ shared:
 	       "(tokenizer + config of both models); put them there or pass SHARED=/path/to/shared"; exit 1; }
 
 demo: setup shared
-	-@dvc exp remove -q demo 2>/dev/null
+	@dvc exp remove -q demo 2>/dev/null || true
 	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml -S data.source=$(abspath $(SHARED))/data/imdb
 	@grep -h '^> \*\*Warning' reports/report.md | sed 's/^> //; s/\*\*//g' || true
 	@sed -n '/^## Quality/,/^## What/p' reports/report.md | grep '^|'
@@ -34,7 +34,7 @@ compare: setup
 	@$(PY) -m duel.compare
 
 paper: setup
-	-@dvc exp remove -q paper 2>/dev/null
+	@dvc exp remove -q paper 2>/dev/null || true
 	$(PY) -m duel.profile profiles/paper.yaml
 
 lint: setup
