@@ -204,3 +204,19 @@ def test_stage_user_error_is_one_line(
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(expected), done.stderr[-3000:]
     assert outputs(repo) == before
+
+
+def test_unexpected_error_is_one_line_with_the_trace_in_a_file(tmp_path: Path) -> None:
+    """A failure no check foresaw (here a data file damaged after download) prints no traceback: one line naming the
+    stage, the error and the file that holds the full trace."""
+    repo = make_copy(tmp_path, {})
+    for stage in (("download",), ("base", "llama")):
+        subprocess.run(stage_command(*stage), cwd=repo, env=stage_env(), check=True, capture_output=True)
+    (repo / "data" / "train.parquet").write_bytes(b"not parquet")
+    done = subprocess.run(stage_command("tokenize"), cwd=repo, env=stage_env(), capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: tokenize failed: ") and "the full trace is in .cache/tracebacks/tokenize-" in line
+    (trace,) = (repo / ".cache" / "tracebacks").glob("tokenize-*.txt")
+    assert "Traceback" in trace.read_text() and "read_parquet" in trace.read_text()
+    assert not (repo / "data" / "tokenized").exists()  # nothing that looks finished

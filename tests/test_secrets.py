@@ -83,3 +83,30 @@ def test_no_token_in_versions(monkeypatch: pytest.MonkeyPatch, hub_token: str) -
     assert "torch" in found and "transformers" in found
     assert [k for k in found if TOKEN_KEY.search(k)] == []
     assert hub_token not in json.dumps(found)
+
+
+def test_remote_code_runs_only_when_a_param_asks(monkeypatch: pytest.MonkeyPatch, params, tmp_path: Path) -> None:
+    """trust_remote_code reaches every loader as the model's param says, and the committed params say false."""
+    import dataclasses
+
+    from duel import hub, modeling
+    from duel.io import write_json
+
+    class Stop(Exception):
+        pass
+
+    seen: list[bool] = []
+
+    def from_pretrained(path: str, **kwargs: object) -> None:
+        seen.append(kwargs["trust_remote_code"])
+        raise Stop
+
+    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    write_json(tmp_path / "model.json", {"path": str(tmp_path)})
+    assert {params.model(key).trust_remote_code for key in params.models} == {False}
+    for flag in (False, True):
+        model = dataclasses.replace(params.model("llama"), trust_remote_code=flag)
+        with pytest.raises(Stop):
+            modeling.load_base_model(tmp_path, model, params, "sdpa")
+        hub._hub_call("llama", model, lambda checkpoint, revision, trust_remote_code: seen.append(trust_remote_code))
+    assert seen == [False, False, True, True]
