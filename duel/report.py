@@ -1,8 +1,10 @@
-"""The Markdown report: figures from the per-step series, quality and hardware tables, the paper's claims beside
-ours."""
+"""The Markdown report: figures from the per-step series, quality with its 95% intervals, the paired comparisons
+that decide the duel, the hardware bill, the paper's claims beside ours."""
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,17 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import yaml
 
+from duel.errors import DataError
 from duel.io import write_with
 from duel.params import Params, as_dict
+from duel.statistics import (
+    accuracy_difference,
+    accuracy_interval,
+    discordant,
+    f1_interval,
+    mcnemar_exact,
+    roc_auc_interval,
+)
 
 # Reported in Battula (2025), Sections 1 and 4 (single A100 40 GB, 4-bit NF4, LoRA r=16, 200 steps). Quoted so the
 # report can set them beside our measurements; they are claims to test, not results of this pipeline.
@@ -22,6 +33,31 @@ PAPER_REPORTED: dict[str, dict[str, Any]] = {
     "llama": {"accuracy": 0.84, "f1": 0.85, "train": "OOM repeatedly; 3.75 h for 50 steps; VRAM near 40 GB"},
     "deepseek": {"accuracy": 0.91, "f1": 0.924, "train": "2.5 h for 200 steps; no OOM"},
 }
+
+
+# 1,000 bootstrap test sets: the percentile interval's ends are the 25th and 975th of them.
+BOOTSTRAP_RESAMPLES = 1000
+SIGNIFICANCE = 0.05  # a comparison's McNemar p below this is called a difference
+VARIANTS = {"finetuned": "fine-tuned", "zero_shot": "zero-shot"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Accuracy of `challenger` minus accuracy of `baseline` on the reviews both scored, paired by review_id."""
+
+    baseline: str
+    challenger: str
+    reviews: int
+    only_baseline_right: int
+    only_challenger_right: int
+    difference: float
+    low: float
+    high: float
+    """The 95% interval of the difference."""
+    p_value: float
+    """Exact McNemar test on the reviews only one of the two gets right."""
+    random_weights: bool
+    """Either side had random weights."""
 
 
 def read_series(live_dir: Path, name: str) -> pd.DataFrame | None:
@@ -50,21 +86,136 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def quality_table(evaluate: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+def with_interval(value: float | None, interval: tuple[float, float]) -> str:
+    """0.812 (0.771–0.847); n/a for a metric a one-class test set leaves undefined."""
+    if value is None:
+        return fmt(value)
+    return f"{fmt(value)} ({interval[0]:.3f}–{interval[1]:.3f})"
+
+
+def quality_intervals(predictions: pd.DataFrame, seed: int) -> dict[str, tuple[float, float]]:
+    """95% intervals of one run's accuracy (Wilson), F1 and ROC-AUC (seeded bootstrap over its reviews)."""
+    labels, predicted, scores = (predictions[c].to_numpy() for c in ("actual", "predicted", "score"))
+    return {
+        "accuracy": accuracy_interval(labels, predicted),
+        "f1": f1_interval(labels, predicted, seed, BOOTSTRAP_RESAMPLES),
+        "roc_auc": roc_auc_interval(labels, scores, seed, BOOTSTRAP_RESAMPLES),
+    }
+
+
+def quality_table(
+    evaluate: dict[str, dict[str, dict[str, Any]]],
+    intervals: dict[str, dict[str, dict[str, tuple[float, float]]]],
+    random_weights: set[str],
+) -> list[str]:
+    """One row per model and variant, each accuracy, F1 and ROC-AUC with its 95% interval; the paper's claims beside
+    the fine-tuned rows, marked as not comparable beside a model that had random weights."""
     rows = [
-        "| model | variant | accuracy | F1 | precision | recall | ROC-AUC | reviews/s | paper accuracy | paper F1 |",
+        "| model | variant | accuracy (95% CI) | F1 (95% CI) | precision | recall | ROC-AUC (95% CI) | reviews/s | "
+        "paper accuracy | paper F1 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, variants in evaluate.items():
         paper = PAPER_REPORTED.get(key, {})
+        caveat = " (not comparable: random weights)" if key in random_weights else ""
         for variant, m in variants.items():
+            ci = intervals[key][variant]
             claimed = variant == "finetuned"
             rows.append(
-                f"| {key} | {variant} | {fmt(m['accuracy'])} | {fmt(m['f1'])} | {fmt(m['precision'])} | "
-                f"{fmt(m['recall'])} | {fmt(m['roc_auc'])} | {fmt(m['eval_reviews_per_s'], 1)} | "
-                f"{fmt(paper.get('accuracy')) if claimed else ''} | {fmt(paper.get('f1')) if claimed else ''} |"
+                f"| {key} | {variant} | {with_interval(m['accuracy'], ci['accuracy'])} | "
+                f"{with_interval(m['f1'], ci['f1'])} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
+                f"{with_interval(m['roc_auc'], ci['roc_auc'])} | {fmt(m['eval_reviews_per_s'], 1)} | "
+                f"{fmt(paper.get('accuracy')) + caveat if claimed else ''} | "
+                f"{fmt(paper.get('f1')) + caveat if claimed else ''} |"
             )
     return rows
+
+
+def paired(baseline: pd.DataFrame, challenger: pd.DataFrame, names: tuple[str, str]) -> pd.DataFrame:
+    """Two runs' predictions on the same reviews, one row per review_id (columns suffixed _a and _b); rows are
+    matched by id, never by position."""
+    ids = [set(frame["review_id"]) for frame in (baseline, challenger)]
+    if ids[0] != ids[1] or len(ids[0]) != len(baseline) or len(ids[1]) != len(challenger):
+        raise DataError(
+            f"report: {names[0]} and {names[1]} scored different reviews ({len(ids[0] ^ ids[1])} ids in one only, "
+            "or an id twice); run `dvc repro` so that both score the same data/tokenized test set"
+        )
+    both = baseline.merge(challenger, on="review_id", suffixes=("_a", "_b"), validate="one_to_one")
+    if (both["actual_a"] != both["actual_b"]).any():
+        raise DataError(f"report: {names[0]} and {names[1]} give one review different labels; run `dvc repro`")
+    return both
+
+
+def compare(baseline: str, challenger: str, predictions: dict[str, pd.DataFrame], random_weights: bool) -> Comparison:
+    """The paired accuracy difference challenger - baseline with its interval and McNemar p-value."""
+    both = paired(predictions[baseline], predictions[challenger], (baseline, challenger))
+    labels, a, b = both["actual_a"].to_numpy(), both["predicted_a"].to_numpy(), both["predicted_b"].to_numpy()
+    only_a, only_b = discordant(labels, a, b)
+    difference, low, high = accuracy_difference(labels, a, b)
+    p_value = mcnemar_exact(labels, a, b)
+    return Comparison(baseline, challenger, len(both), only_a, only_b, difference, low, high, p_value, random_weights)
+
+
+def comparisons(keys: list[str], predictions: dict[str, pd.DataFrame], random_weights: set[str]) -> list[Comparison]:
+    """The comparisons that decide the duel: each later model's fine-tune against each earlier one's (deepseek
+    against llama), then each fine-tune against its own zero-shot base. `predictions` is keyed "<key> <variant>"."""
+    pairs = [((a, "finetuned"), (b, "finetuned")) for a, b in itertools.combinations(keys, 2)]
+    pairs += [((key, "zero_shot"), (key, "finetuned")) for key in keys]
+    return [
+        compare(f"{a} {VARIANTS[va]}", f"{b} {VARIANTS[vb]}", predictions, bool({a, b} & random_weights))
+        for (a, va), (b, vb) in pairs
+    ]
+
+
+def points(share: float) -> str:
+    """A difference in accuracy as signed percentage points: 0.0125 -> +1.2."""
+    return f"{100 * share:+.1f}"
+
+
+def p_text(p_value: float) -> str:
+    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
+
+
+def comparison_table(rows: list[Comparison]) -> list[str]:
+    table = [
+        "| comparison | reviews | only the first right | only the second right | accuracy difference, points "
+        "(95% CI) | exact McNemar |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in rows:
+        table.append(
+            f"| {c.challenger} vs {c.baseline} | {c.reviews} | {c.only_challenger_right} | {c.only_baseline_right} | "
+            f"{points(c.difference)} ({points(c.low)} to {points(c.high)}) | {p_text(c.p_value)} |"
+        )
+    return table
+
+
+def conclusion(c: Comparison) -> str:
+    """One plain sentence on what this comparison can and cannot say at this test size."""
+    name = f"{c.challenger} vs {c.baseline}"
+    if c.only_baseline_right + c.only_challenger_right == 0:
+        text = f"{name}: the two give the same answer on all {c.reviews} reviews; nothing here separates them."
+    elif c.p_value >= SIGNIFICANCE:
+        text = (
+            f"{name}: the difference ({points(c.difference)} points) is within what chance gives on {c.reviews} "
+            f"reviews ({p_text(c.p_value)}); this run cannot tell them apart: a true difference anywhere from "
+            f"{points(c.low)} to {points(c.high)} points fits these reviews."
+        )
+    else:
+        # The interval of (better - worse): the difference's own, or its mirror when the baseline is the better.
+        better, worse, low, high = (
+            (c.challenger, c.baseline, c.low, c.high)
+            if c.difference > 0
+            else (c.baseline, c.challenger, -c.high, -c.low)
+        )
+        text = (
+            f"{name}: {better} is more accurate than {worse} by more than chance gives on {c.reviews} reviews "
+            f"({p_text(c.p_value)}), by {points(low)} to {points(high)} points on reviews like these; one "
+            "training run, so how much another seed would move it is not measured."
+        )
+    if c.random_weights:
+        text += " Random weights: this compares networks that never learned language, not the models."
+    return text
 
 
 def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
@@ -110,9 +261,18 @@ def report_markdown(
     tokenize: dict[str, Any],
     finetune: dict[str, dict[str, Any]],
     evaluate: dict[str, dict[str, dict[str, Any]]],
+    predictions: dict[str, dict[str, pd.DataFrame]],
 ) -> str:
-    """reports/report.md: the warning, quality beside the paper's claims, the hardware bill, the data, the
-    resolved configuration."""
+    """reports/report.md: the warning, quality with its intervals beside the paper's claims, the paired comparisons,
+    the hardware bill, the data, the resolved configuration. `predictions[key][variant]`: that run's
+    predictions.csv."""
+    random_weights = {key for key, base in bases.items() if base["source"] == "random"}
+    intervals = {
+        key: {variant: quality_intervals(frame, params.seed) for variant, frame in variants.items()}
+        for key, variants in predictions.items()
+    }
+    by_name = {f"{key} {VARIANTS[v]}": frame for key, variants in predictions.items() for v, frame in variants.items()}
+    paired_rows = comparisons(list(evaluate), by_name, random_weights)
     lines = ["# Fine-tuning duel: report", "", *random_weights_warning(bases)]
     lines += [
         "## Quality on the test reviews",
@@ -120,8 +280,21 @@ def report_markdown(
         f"{reviews['test']['count']} test reviews ({reviews['test']['labels']} per label), "
         f"{reviews['train']['count']} training reviews; scored by the logits of {params.data.label_words} at the "
         "answer position. The paper's numbers are its claims, quoted for comparison, not reproduced by this run.",
+        f"Intervals are 95%: Wilson for accuracy, a percentile bootstrap over the test reviews for F1 and ROC-AUC "
+        f"({BOOTSTRAP_RESAMPLES} resamples, seed {params.seed}); they cover which reviews were drawn, not another "
+        "training seed.",
         "",
-        *quality_table(evaluate),
+        *quality_table(evaluate, intervals, random_weights),
+        "",
+        "### Paired comparisons",
+        "",
+        "Two classifiers on the same reviews, matched by review id: the accuracy of the first named minus that of "
+        "the second, in percentage points, with its 95% interval, and the exact McNemar test on the reviews only one "
+        "of them gets right (`duel/statistics.py`).",
+        "",
+        *comparison_table(paired_rows),
+        "",
+        *(f"- {conclusion(c)}" for c in paired_rows),
         "",
         "## What the hardware paid (fine-tuning)",
         "",

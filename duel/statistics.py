@@ -36,7 +36,9 @@ def bootstrap_rows(reviews: int, resamples: int, seed: int) -> np.ndarray:
 
 def percentile_interval(values: np.ndarray) -> tuple[float, float]:
     """The 2.5th and 97.5th percentiles of a metric over the bootstrap test sets (the percentile interval);
-    test sets where the metric is undefined (NaN) are left out."""
+    test sets where the metric is undefined (NaN) are left out; NaN when it is undefined on all."""
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.nanpercentile(values, [tail, 100 - tail])
     return float(low), float(high)

@@ -1,15 +1,19 @@
 """Stage report: reports/report.md with PNG figures: loss curves of both models on one chart, memory over steps,
-quality beside the zero-shot baselines and the paper's reported numbers, the hardware bill, the configuration.
+quality with 95% intervals beside the zero-shot baselines and the paper's reported numbers, the paired comparisons
+(accuracy difference, McNemar), the hardware bill, the configuration.
 
     python -m stages.report          (run by `dvc repro`)
 
-Reads all params (the report prints the resolved configuration), metrics/*.json, data/source.json, plots/<key>/
+Reads all params (the report prints the resolved configuration; seed seeds the bootstrap), metrics/*.json,
+data/source.json, data/predictions/<key>_{finetuned,zero_shot}/predictions.csv (one row per review), plots/<key>/
 (DVCLive series) and models/adapters/<key>/training.json (how each fine-tune ran, on which base model). Writes reports/.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pandas as pd
 
 from duel import cli
 from duel.io import atomic_dir, read_json
@@ -32,6 +36,10 @@ def main() -> None:
     reviews, source = read_json("metrics/data.json")["reviews"], read_json("data/source.json")
     tokenize = read_json("metrics/tokenize.json")
     bases = {key: read_json(Path("models/adapters") / key / "training.json")["base"] for key in keys}
+    predictions = {
+        key: {v: pd.read_csv(Path("data/predictions") / f"{key}_{v}" / "predictions.csv") for v in evaluate[key]}
+        for key in keys
+    }
 
     with atomic_dir("reports") as out:
         (out / "figures").mkdir()
@@ -41,7 +49,7 @@ def main() -> None:
         kind = "VRAM reserved by torch" if finetune[keys[0]]["memory"] == "cuda_reserved" else "CPU peak RSS"
         line_figure(memory, "memory_gib", f"GiB ({kind})", "Memory during training", out / "figures" / "memory.png")
 
-        text = report_markdown(params, bases, reviews, source, tokenize, finetune, evaluate)
+        text = report_markdown(params, bases, reviews, source, tokenize, finetune, evaluate, predictions)
         (out / "report.md").write_text(text)
     print(f"report: reports/report.md ({len(keys)} models)")
 

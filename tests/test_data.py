@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import IMDB
 
-from duel.data import DataError, check_schema, read_source, stratified_sample
+from duel.data import DataError, check_schema, read_source, stratified_sample, with_review_ids
 
 
 def reviews(n_neg: int, n_pos: int) -> pd.DataFrame:
@@ -66,6 +66,28 @@ def test_sample_too_large_names_key():
     with pytest.raises(DataError, match=r"data\.test_size") as err:
         stratified_sample(reviews(5, 5), 11, seed=0, key="data.test_size")
     assert "11" in str(err.value) and "10" in str(err.value)
+
+
+# --- with_review_ids -----------------------------------------------------------------------------------------------
+
+
+def test_review_ids_are_rows_of_the_source_split_and_survive_sampling():
+    frame = with_review_ids(reviews(30, 30), "test")
+    assert list(frame.columns) == ["review_id", "text", "label"]
+    assert frame["review_id"].tolist()[:3] == ["test-0", "test-1", "test-2"] and frame["review_id"].is_unique
+    by_id = dict(zip(frame["review_id"], frame["text"], strict=True))
+    drawn = []
+    for seed, size in ((42, 20), (7, 20), (42, 11)):
+        sample = stratified_sample(frame, size, seed=seed, key="data.test_size")
+        # A drawn review keeps the id of its row in the whole split, whichever seed and size drew it.
+        assert [by_id[i] for i in sample["review_id"]] == sample["text"].tolist()
+        drawn.append(set(sample["review_id"]))
+    assert drawn[0] != drawn[1]  # the seeds draw different reviews
+
+
+def test_review_ids_tell_repeated_texts_apart():
+    frame = with_review_ids(pd.DataFrame({"text": ["Great.", "Dull.", "Great."], "label": [1, 0, 1]}), "train")
+    assert frame["review_id"].tolist() == ["train-0", "train-1", "train-2"]
 
 
 # --- check_schema --------------------------------------------------------------------------------------------------

@@ -53,9 +53,15 @@ def test_metrics_single_class_has_no_auc():
 
 
 def test_predictions_frame():
-    frame = predictions_frame(np.array([0, 1]), np.array([[2.0, 1.0], [0.0, 0.5]], dtype=np.float32))
-    assert frame["predicted"].tolist() == [0, 1]
-    assert frame["logit_positive"].tolist() == [1.0, 0.5]
+    reviews = pd.DataFrame({"review_id": ["test-9", "test-2", "test-4"], "label": [0, 1, 1], "input_ids": [[1]] * 3})
+    logits = np.array([[2.0, 1.0], [0.0, 0.5], [1.0, 0.25]], dtype=np.float32)
+    frame = predictions_frame(reviews, logits)
+    assert list(frame.columns) == ["review_id", "actual", "predicted", "score", "logit_negative", "logit_positive"]
+    assert frame["review_id"].tolist() == ["test-9", "test-2", "test-4"]
+    assert frame["actual"].tolist() == [0, 1, 1]
+    assert frame["predicted"].tolist() == [0, 1, 0]
+    assert frame["score"].tolist() == [-1.0, 0.5, -0.75]  # positive minus negative logit
+    assert frame["logit_positive"].tolist() == [1.0, 0.5, 0.25]
 
 
 def review_frame(seed: int, lengths: tuple[int, ...]) -> pd.DataFrame:

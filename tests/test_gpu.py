@@ -87,7 +87,8 @@ def reviews_frame() -> pd.DataFrame:
     rng = np.random.default_rng(0)
     lengths = (37, 5, 20, 12, 29, 8, 16, 3)
     prompts = [rng.integers(10, VOCAB, size=n).tolist() for n in lengths]  # never the pad or an answer id
-    return pd.DataFrame({"input_ids": prompts, "label": [i % 2 for i in range(len(prompts))]})
+    ids = [f"test-{i}" for i in range(len(prompts))]
+    return pd.DataFrame({"review_id": ids, "input_ids": prompts, "label": [i % 2 for i in range(len(prompts))]})
 
 
 def setup_for(params: Params, recipe: Recipe) -> Setup:
@@ -243,13 +244,13 @@ def test_saved_adapter_reloads_to_the_same_evaluation_logits(trained: Trained, b
     with reloaded.disable_adapter():
         zero_shot = label_logits(reloaded, frame, ANSWERS, PAD, EVAL_BATCH, "zero-shot")
     labels = frame["label"].to_numpy()
-    predicted = predictions_frame(labels, logits)["predicted"].to_numpy()
+    predicted = predictions_frame(frame, logits)["predicted"].to_numpy()
 
     assert (predicted == labels).all()  # the answer learned for each prompt survives the round trip
     # What evaluating in bf16 costs: the logits barely move, the predictions not at all.
     print(f"max |reloaded - as trained| = {np.abs(logits - as_trained).max():.3g}")
     np.testing.assert_allclose(logits, as_trained, rtol=0, atol=CAST_ATOL)
-    np.testing.assert_array_equal(predicted, predictions_frame(labels, as_trained)["predicted"].to_numpy())
+    np.testing.assert_array_equal(predicted, predictions_frame(frame, as_trained)["predicted"].to_numpy())
     # The comparisons can fail: the adapter moves these logits far beyond the tolerances.
     assert np.abs(logits - zero_shot).max() > 4 * CAST_ATOL, np.abs(logits - zero_shot).max()
 

@@ -125,9 +125,11 @@ def test_verbalizer_rejects_multi_token_word(tokenizers, data, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_tokenize_split_stats(tokenizers, data, model):
-    frame = pd.DataFrame({"text": [SHORT, LONG, "Bad.", LONG + " Worse."], "label": [1, 1, 0, 0]})
+    texts = [SHORT, LONG, "Bad.", LONG + " Worse."]
+    frame = pd.DataFrame({"review_id": ["test-7", "test-3", "test-12", "test-0"], "text": texts, "label": [1, 1, 0, 0]})
     out, stats = tokenize_split(frame, tokenizers[model], data)
-    assert list(out.columns) == ["input_ids", "label", "n_tokens", "truncated"]
+    assert list(out.columns) == ["review_id", "input_ids", "label", "n_tokens", "truncated"]
+    assert out["review_id"].tolist() == ["test-7", "test-3", "test-12", "test-0"]  # each review keeps its id
     assert out["label"].tolist() == [1, 1, 0, 0]
     assert out["truncated"].tolist() == [False, True, False, True]
     assert out["n_tokens"].tolist() == [len(x) for x in out["input_ids"]]
@@ -140,7 +142,8 @@ def test_tokenize_split_stats(tokenizers, data, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_tokenize_split_share_bounds(tokenizers, data, imdb_texts, model):
-    frame = pd.DataFrame({"text": imdb_texts, "label": [i % 2 for i in range(len(imdb_texts))]})
+    ids = [f"test-{i}" for i in range(len(imdb_texts))]
+    frame = pd.DataFrame({"review_id": ids, "text": imdb_texts, "label": [i % 2 for i in range(len(imdb_texts))]})
     _, stats = tokenize_split(frame, tokenizers[model], data)
     assert 0.0 <= stats["truncated_share"] <= 1.0
     _, roomy = tokenize_split(frame, tokenizers[model], dataclasses.replace(data, max_length=4096))
