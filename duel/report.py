@@ -66,11 +66,16 @@ def read_series(live_dir: Path, name: str) -> pd.DataFrame | None:
     return pd.read_csv(path, sep="\t") if path.exists() else None
 
 
-def line_figure(series: dict[str, pd.DataFrame], column: str, ylabel: str, title: str, path: Path) -> None:
+def line_figure(
+    series: dict[str, pd.DataFrame], column: str, ylabel: str, title: str, path: Path, from_zero: bool = False
+) -> None:
+    """One line per model over optimizer steps; from_zero for quantities (memory) whose size is the point."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, frame in series.items():
         ax.plot(frame["step"], frame[column], marker=".", label=label)
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    if from_zero:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

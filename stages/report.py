@@ -47,7 +47,9 @@ def main() -> None:
         memory = {key: s for key in keys if (s := read_series(Path("plots") / key, "memory_gib")) is not None}
         line_figure(loss, "loss", "answer-token cross-entropy", "Training loss", out / "figures" / "loss.png")
         kind = "VRAM reserved by torch" if finetune[keys[0]]["memory"] == "cuda_reserved" else "CPU peak RSS"
-        line_figure(memory, "memory_gib", f"GiB ({kind})", "Memory during training", out / "figures" / "memory.png")
+        line_figure(
+            memory, "memory_gib", f"GiB ({kind})", "Memory during training", out / "figures" / "memory.png", True
+        )
 
         text = report_markdown(params, bases, reviews, source, tokenize, finetune, evaluate, predictions)
         (out / "report.md").write_text(text)
