@@ -8,7 +8,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf/hub HF_HUB_OFFLINE=1
 export OUT=${OUT:-$PWD/out}
-git -c user.email=d@d -c user.name=d commit -q --allow-empty -m run  # DVCLive needs a commit
+# DVCLive needs a commit, and the tests read the committed params.yaml: commit the tree as it came.
+git add -A && git -c user.email=d@d -c user.name=d commit -q --allow-empty -m run
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv > "$OUT/gpu.csv"
 python3 -c "import torch, transformers, peft, bitsandbytes, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'transformers': transformers.__version__, 'peft': peft.__version__, 'bitsandbytes': bitsandbytes.__version__}))" > "$OUT/versions.json"
