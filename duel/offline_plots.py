@@ -76,16 +76,21 @@ def page(scripts: list[str]) -> str:
 
 
 def main() -> None:
+    """Write what is missing; say so only when something was written."""
+    written = False
     if not (TEMPLATE.is_file() and MARKER in TEMPLATE.read_text()):
         with atomic_path(TEMPLATE) as tmp:
             tmp.write_text(page(fetch_scripts()))
+        written = True
     # DVC resolves a relative plots.html_template against .dvc/
     value = os.path.relpath(TEMPLATE, ".dvc")
     config = Config(dvc_dir=".dvc")
     if config.read("repo")["plots"].get("html_template") != value:
         with config.edit("repo") as conf:
             conf["plots"]["html_template"] = value
-    print(f"{TEMPLATE}: {SPECS} ({TEMPLATE.stat().st_size / 2**20:.1f} MiB), plots.html_template = {value}")
+        written = True
+    if written:
+        print(f"{TEMPLATE}: {SPECS} ({TEMPLATE.stat().st_size / 2**20:.1f} MiB), plots.html_template = {value}")
 
 
 if __name__ == "__main__":
