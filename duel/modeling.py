@@ -143,6 +143,19 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params, max_toke
     return adapted
 
 
+def check_lora_targets(base: PreTrainedModel, key: str, targets: list[str]) -> None:
+    """Every name in models.<key>.lora_targets must name modules of the model: PEFT adapts the names that match and
+    says nothing of one misspelled among seven, so the adapter would silently train on fewer projections."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+    named = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [target for target in targets if target not in named]
+    if missing:
+        raise ParamsError(
+            f"models.{key}.lora_targets: {', '.join(missing)} names no module of this model; its linear layers are "
+            f"{', '.join(linear)}"
+        )
+
+
 def compile_layers(model: Any, wanted: bool) -> None:
     """execution.compile: torch.compile each decoder layer in place (regional compilation: one layer's code is compiled
     once and serves all of them; dynamic shapes, so rows of new lengths do not recompile). Checkpointing stays

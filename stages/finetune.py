@@ -22,7 +22,14 @@ from duel import cli
 from duel.checkpointing import checkpointed_layers, decoder_layers, limit_gpu_memory
 from duel.hub import load_tokenizer, model_info, versions
 from duel.io import atomic_dir, read_json, write_json
-from duel.modeling import add_lora, attention_implementation, compile_layers, kernels_implementation, load_base_model
+from duel.modeling import (
+    add_lora,
+    attention_implementation,
+    check_lora_targets,
+    compile_layers,
+    kernels_implementation,
+    load_base_model,
+)
 from duel.params import as_dict, load_params
 from duel.training import (
     AnswerCollator,
@@ -57,7 +64,9 @@ def main() -> None:
     kernels = kernels_implementation(execution.kernels, execution.compile)
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model_params = params.model(key)
-    model = add_lora(load_base_model(base, model_params, params, attention, kernels), model_params, params, largest)
+    loaded = load_base_model(base, model_params, params, attention, kernels)
+    check_lora_targets(loaded, key, model_params.lora_targets)
+    model = add_lora(loaded, model_params, params, largest)
     compile_layers(model, execution.compile)
     layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))}"
     budget = execution.memory_budget_gib or "the whole GPU"

@@ -148,3 +148,18 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     assert checkpointing.switch_on_checkpointing(model)  # some layers off: all on now
     assert [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)] == [True, True]
     assert not checkpointing.switch_on_checkpointing(model)
+
+
+def test_misspelled_lora_target_is_refused_with_the_names_there_are() -> None:
+    """One misspelled target of seven: PEFT would adapt the other six and say nothing."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM(tiny_llama_config())
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    modeling.check_lora_targets(base, "llama", projections)  # the real names pass
+    with pytest.raises(modeling.ParamsError) as err:
+        modeling.check_lora_targets(base, "llama", [*projections[:6], "dwn_proj"])
+    message = str(err.value)
+    assert message.startswith("models.llama.lora_targets: dwn_proj names no module of this model")
+    assert "down_proj" in message and "lm_head" in message  # the linear layers a user can choose from
