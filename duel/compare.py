@@ -81,7 +81,7 @@ def main() -> None:
     if frame.empty:
         print("no experiment with metrics yet: run make demo or dvc exp run")
         return
-    with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.max_columns", None):
+    with pd.option_context("display.width", 200, "display.max_columns", None):
         print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-", max_colwidth=60))
 
 

@@ -80,9 +80,14 @@ def _answer_logits(model: Any, prompts: list[list[int]], pad_id: int, device: to
     ).logits[:, -1, :]
 
 
+def predicted_labels(logits: np.ndarray) -> np.ndarray:
+    """1 (positive) where the positive label word's logit is the larger, else 0."""
+    return (logits[:, 1] > logits[:, 0]).astype(int)
+
+
 def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
     """Accuracy, F1, precision, recall (positive class = 1), ROC-AUC on the logit margin, confusion matrix."""
-    predicted = (logits[:, 1] > logits[:, 0]).astype(int)
+    predicted = predicted_labels(logits)
     margin = logits[:, 1] - logits[:, 0]
     both_classes = len(np.unique(labels)) == 2
     return {
@@ -98,7 +103,7 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
 
 def confusion(labels: np.ndarray, logits: np.ndarray) -> list[list[int]]:
     """[[true negatives, false positives], [false negatives, true positives]]."""
-    predicted = (logits[:, 1] > logits[:, 0]).astype(int)
+    predicted = predicted_labels(logits)
     return confusion_matrix(labels, predicted, labels=[0, 1]).tolist()
 
 
@@ -110,7 +115,7 @@ def predictions_frame(reviews: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame
         {
             "review_id": reviews["review_id"].to_numpy(),
             "actual": reviews["label"].to_numpy(),
-            "predicted": (logits[:, 1] > logits[:, 0]).astype(int),
+            "predicted": predicted_labels(logits),
             "score": logits[:, 1] - logits[:, 0],
             "logit_negative": logits[:, 0],
             "logit_positive": logits[:, 1],

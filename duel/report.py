@@ -245,9 +245,9 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
-def random_weights_warning(bases: dict[str, dict[str, Any]]) -> list[str]:
-    """A warning, first in the report, when any model had random weights: its accuracy means nothing."""
-    random = [key for key, base in bases.items() if base["source"] == "random"]
+def random_weights_warning(bases: dict[str, dict[str, Any]], random: list[str]) -> list[str]:
+    """A warning, first in the report, when any model (`random`: their keys) had random weights: its accuracy means
+    nothing."""
     if not random:
         return []
     shapes = ", ".join(f"{k}: {bases[k]['num_hidden_layers']} layers, hidden {bases[k]['hidden_size']}" for k in random)
@@ -271,14 +271,15 @@ def report_markdown(
     """reports/report.md: the warning, quality with its intervals beside the paper's claims, the paired comparisons,
     the hardware bill, the data, the resolved configuration. `predictions[key][variant]`: that run's
     predictions.csv."""
-    random_weights = {key for key, base in bases.items() if base["source"] == "random"}
+    random = [key for key, base in bases.items() if base["source"] == "random"]
+    random_weights = set(random)
     intervals = {
         key: {variant: quality_intervals(frame, params.seed) for variant, frame in variants.items()}
         for key, variants in predictions.items()
     }
     by_name = {f"{key} {VARIANTS[v]}": frame for key, variants in predictions.items() for v, frame in variants.items()}
     paired_rows = comparisons(list(evaluate), by_name, random_weights)
-    lines = ["# Fine-tuning duel: report", "", *random_weights_warning(bases)]
+    lines = ["# Fine-tuning duel: report", "", *random_weights_warning(bases, random)]
     lines += [
         "## Quality on the test reviews",
         "",

@@ -22,6 +22,7 @@ from duel.modeling import (
     merged_adapter,
 )
 from duel.params import ModelParams, Params
+from duel.telemetry import device_name
 
 
 def score_model(
@@ -59,7 +60,7 @@ def score_model(
                 "dequantized_base": merge,
                 "adapter": str(adapter) if adapter else None,
                 "confusion_matrix": confusion(labels, logits),
-                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "device": device_name(),
             },
         )
     return classification_metrics(labels, logits) | measured

@@ -105,10 +105,7 @@ def peak_memory() -> dict[str, float | None]:
     """peak_memory_gib, the one memory figure on every machine (torch's peak reserved VRAM on a GPU, the process's
     peak RSS on a CPU), with torch's allocated and reserved peaks (null without a GPU)."""
     torch_peaks = torch_memory()
-    if torch.cuda.is_available():
-        peak = torch_peaks["peak_vram_reserved_gib"]
-    else:
-        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)  # Linux reports KiB
+    peak = torch_peaks["peak_vram_reserved_gib"] if torch.cuda.is_available() else round(peak_rss_gib(), 3)
     return {"peak_memory_gib": peak, **torch_peaks}
 
 
@@ -116,7 +113,17 @@ def memory_now_gib() -> float:
     """Memory for the per-step plot: VRAM reserved by torch on a GPU, the process's peak RSS on a CPU."""
     if torch.cuda.is_available():
         return torch.cuda.memory_reserved() / GIB
+    return peak_rss_gib()
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+def device_name() -> str:
+    """The GPU's name as CUDA reports it (the process's first device), or cpu."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def memory_kind() -> str:

@@ -28,7 +28,7 @@ from duel.checkpointing import checkpointed_layers, decoder_layers, switch_on_ch
 from duel.errors import TrainingError
 from duel.modeling import quantization_name
 from duel.params import Params
-from duel.telemetry import GpuSampler, Stopwatch, memory_kind, memory_now_gib, peak_memory
+from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory
 
 IGNORE = -100
 
@@ -488,7 +488,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
     """How a fine-tune was executed, in words (kept beside its adapter, not among its metrics)."""
     return {
         "model": key,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": device_name(),
         "attention": attention,
         "kernels": kernels,
         "compiled": params.execution.compile,

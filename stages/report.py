@@ -24,18 +24,16 @@ from duel.report import line_figure, read_series, report_markdown
 def main() -> None:
     params = load_params()
     keys = list(params.models)
-    # How each fine-tune ran (device, attention, padding...) is kept beside its adapter; its numbers are metrics.
-    finetune = {
-        key: read_json(f"metrics/finetune_{key}.json")[key]
-        | read_json(Path("models/adapters") / key / "training.json")["run"]
-        for key in keys
-    }
+    # How each fine-tune ran (device, attention, padding...) and on which base is kept beside its adapter; its
+    # numbers are metrics.
+    training = {key: read_json(Path("models/adapters") / key / "training.json") for key in keys}
+    finetune = {key: read_json(f"metrics/finetune_{key}.json")[key] | training[key]["run"] for key in keys}
     finetuned = read_json("metrics/evaluate.json")
     zero_shot = {key: read_json(f"metrics/zero_shot_{key}.json")[key]["zero_shot"] for key in keys}
     evaluate = {key: {"finetuned": finetuned[key], "zero_shot": zero_shot[key]} for key in keys}
     reviews, source = read_json("metrics/data.json")["reviews"], read_json("data/source.json")
     tokenize = read_json("metrics/tokenize.json")
-    bases = {key: read_json(Path("models/adapters") / key / "training.json")["base"] for key in keys}
+    bases = {key: training[key]["base"] for key in keys}
     predictions = {
         key: {v: pd.read_csv(Path("data/predictions") / f"{key}_{v}" / "predictions.csv") for v in evaluate[key]}
         for key in keys

@@ -62,7 +62,7 @@ def read(repo: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A copy of the working tree, committed, with `make demo SHARED=<another folder>` run in it (the project's
-    virtual environment reused)."""
+    virtual environment reused as it is)."""
     base = tmp_path_factory.mktemp("clone")
     repo = copy_sources(base)
     (base / "elsewhere").symlink_to(SHARED)  # the shared folder under another name, as a user may have it
@@ -70,7 +70,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     run(["git", "init", "-q"], repo)
     run([*git, "add", "-A"], repo)
     run([*git, "commit", "-qm", "copy"], repo)
-    log = run(["make", "demo", f"SHARED={base / 'elsewhere'}", f"VENV={ROOT / '.venv'}"], repo)
+    # -o: the environment is the project's own, never rebuilt from the copy (an install there would point the
+    # project's editable install at the copy).
+    venv = ROOT / ".venv"
+    log = run(["make", "-o", str(venv / ".installed"), "demo", f"SHARED={base / 'elsewhere'}", f"VENV={venv}"], repo)
     return repo, log
 
 
