@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 OFFLINE := HF_HUB_CACHE=$(abspath $(SHARED))/hf/hub HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo paper compare test lint shared strace
+.PHONY: setup demo paper compare seeds test lint shared strace
 # dvc plots show writes a page that renders offline: Vega's scripts inlined in its template (npm pack, pinned).
 setup: $(VENV)/.installed
 	@$(PY) -m duel.offline_plots
@@ -32,6 +32,15 @@ demo: setup shared
 # The experiments side by side: changed params and each model's headline figures (dvc exp show has them all).
 compare: setup
 	@$(PY) -m duel.compare
+
+# A seed study of the workspace's params: N runs differing in seeds.$(VARY) only, JOBS at a time, then the gap between
+# the models against the seed-to-seed spread in studies/seeds-$(VARY)/report.md.
+N ?= 3
+VARY ?= train
+JOBS ?= 1
+seeds: setup
+	$(OFFLINE) $(PY) -m duel.seeds queue $(N) --vary $(VARY) --jobs $(JOBS)
+	$(PY) -m duel.seeds report --vary $(VARY)
 
 paper: setup
 	@dvc exp remove -q paper 2>/dev/null || true

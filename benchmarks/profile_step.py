@@ -55,7 +55,7 @@ def main() -> None:
     train, execution = params.train, params.execution
     base, tokens = Path("models/base") / args.key, Path("data/tokenized") / args.key
     frame = pd.read_parquet(tokens / "train.parquet")
-    order = training_order(frame["n_tokens"].to_numpy(), train.steps, train.batch_size, params.seed)
+    order = training_order(frame["n_tokens"].to_numpy(), train.steps, train.batch_size, params.seeds.train)
     dataset = ReviewDataset(frame.iloc[order], tuple(read_json(tokens / "verbalizer.json")["token_ids"]))
     collate = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
 

@@ -16,6 +16,26 @@ from duel.errors import ParamsError
 
 
 @dataclass(frozen=True)
+class SeedParams:
+    """One seed per source of chance, so that a seed study can say which one moved the result."""
+
+    data: int
+    """Which reviews are drawn into the train and test subsets (stage download)."""
+    train: int
+    """The training run: the LoRA initialisation, the order of the training reviews and the dropout masks."""
+    weights: int
+    """The weights of a model with init: random (the demo, the fit check); unused for pretrained checkpoints."""
+
+    def __post_init__(self) -> None:
+        for key in ("data", "train", "weights"):
+            value = getattr(self, key)
+            if not 0 <= value < 2**32:
+                raise ParamsError(
+                    f"seeds.{key}: {value} is outside [0, 2**32 - 1], the range numpy and torch seed from"
+                )
+
+
+@dataclass(frozen=True)
 class DataParams:
     source: str
     """Hub data set id (stanfordnlp/imdb), URL of aclImdb_v1.tar.gz, or a local folder (parquet files or aclImdb)."""
@@ -178,8 +198,7 @@ class ExecutionParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int
-    """Sampling of the data subsets, the training order, the LoRA init and random weights."""
+    seeds: SeedParams
     data: DataParams
     models: dict[str, ModelParams]
     quantization: QuantizationParams
@@ -188,8 +207,6 @@ class Params:
     execution: ExecutionParams
 
     def __post_init__(self) -> None:
-        if not 0 <= self.seed < 2**32:
-            raise ParamsError(f"seed: {self.seed} is outside [0, 2**32 - 1], the range numpy and torch seed from")
         if not self.models:
             raise ParamsError("models: define at least one model section (e.g. llama)")
         if self.train.batch_size % self.execution.micro_batch:

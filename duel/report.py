@@ -274,7 +274,7 @@ def report_markdown(
     random = [key for key, base in bases.items() if base["source"] == "random"]
     random_weights = set(random)
     intervals = {
-        key: {variant: quality_intervals(frame, params.seed) for variant, frame in variants.items()}
+        key: {variant: quality_intervals(frame, params.seeds.data) for variant, frame in variants.items()}
         for key, variants in predictions.items()
     }
     by_name = {f"{key} {VARIANTS[v]}": frame for key, variants in predictions.items() for v, frame in variants.items()}
@@ -287,8 +287,8 @@ def report_markdown(
         f"{reviews['train']['count']} training reviews; scored by the logits of {params.data.label_words} at the "
         "answer position. The paper's numbers are its claims, quoted for comparison, not reproduced by this run.",
         f"Intervals are 95%: Wilson for accuracy, a percentile bootstrap over the test reviews for F1 and ROC-AUC "
-        f"({BOOTSTRAP_RESAMPLES} resamples, seed {params.seed}); they cover which reviews were drawn, not another "
-        "training seed.",
+        f"({BOOTSTRAP_RESAMPLES} resamples, seed {params.seeds.data}); they cover which reviews were drawn, not "
+        "another training seed (python -m duel.seeds measures that).",
         "",
         *quality_table(evaluate, intervals, random_weights),
         "",

@@ -5,7 +5,7 @@ predictions 0/1, scores = positive minus negative label-word logit); scipy does 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binomtest, norm, rankdata
+from scipy.stats import binomtest, norm, rankdata, t
 
 CONFIDENCE = 0.95
 
@@ -111,3 +111,14 @@ def mcnemar_exact(labels: np.ndarray, predicted_a: np.ndarray, predicted_b: np.n
     if only_a + only_b == 0:
         return 1.0
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def mean_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean of a few runs' results (one per seed) with its 95% Student-t interval: mean ± t(n-1) · sd / sqrt(n),
+    sd with n - 1 degrees of freedom. NaN bounds for fewer than two runs (no spread to estimate)."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half

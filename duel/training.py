@@ -267,8 +267,8 @@ def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
         save_strategy="steps" if execution.save_steps else "no",
         save_steps=execution.save_steps or 500,
         save_total_limit=1,
-        seed=params.seed,
-        data_seed=params.seed,
+        seed=params.seeds.train,
+        data_seed=params.seeds.train,
         train_sampling_strategy="sequential",  # training_order() already shuffled, seeded
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -439,7 +439,7 @@ def training_fingerprint(params: Params, key: str, files: list[Path]) -> str:
     """What a checkpoint was trained with: every param the fine-tune reads, and the files it trains from."""
     digest = hashlib.sha256()
     read = {
-        "seed": params.seed,
+        "seed": params.seeds.train,
         "max_length": params.data.max_length,
         "model": dataclasses.asdict(params.model(key)),
         **{part: dataclasses.asdict(getattr(params, part)) for part in ("quantization", "lora", "train", "execution")},

@@ -3,7 +3,7 @@ to a commit (its weights stay in the Hugging Face cache), or its architecture wi
 
     python -m stages.base llama          (run by `dvc repro` as base_llama; deepseek likewise)
 
-Reads params: seed, models.<key> (checkpoint, revision, init, overrides, trust_remote_code). Writes
+Reads params: seeds.weights, models.<key> (checkpoint, revision, init, overrides, trust_remote_code). Writes
 models/base/<key>/ (tokenizer, config, model.json with the resolved commit; the weights too when init is random).
 """
 
@@ -20,7 +20,7 @@ from duel.params import load_params
 def main() -> None:
     key = sys.argv[1]
     params = load_params()
-    info = resolve_model(key, params.model(key), params.seed, Path("models/base") / key)
+    info = resolve_model(key, params.model(key), params.seeds.weights, Path("models/base") / key)
     size = f"{info['num_parameters']:,} parameters" if info["num_parameters"] else f"commit {info['revision']}"
     print(f"base {key}: {info['checkpoint']} ({info['source']}, {size}) in models/base/{key}")
 

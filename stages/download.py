@@ -3,8 +3,8 @@ the network for data.
 
     python -m stages.download        (run by `dvc repro`)
 
-Reads params: seed, data.source, data.source_sha256, data.train_size, data.test_size. Reads data.source (a hub data
-set, a URL, or a local folder). Writes data/train.parquet, data/test.parquet (review_id, text, label; review_id =
+Reads params: seeds.data, data.source, data.source_sha256, data.train_size, data.test_size. Reads data.source (a hub
+data set, a URL, or a local folder). Writes data/train.parquet, data/test.parquet (review_id, text, label; review_id =
 "<split>-<row in the source split>") and metrics/data.json.
 """
 
@@ -31,8 +31,8 @@ def main() -> None:
     # IMDB repeats some reviews across its splits; training on a test review would inflate accuracy.
     in_test = train["text"].isin(set(test["text"]))
     train = train[~in_test].drop_duplicates("text")
-    train_subset = stratified_sample(train, params.data.train_size, params.seed, "data.train_size")
-    test_subset = stratified_sample(test, params.data.test_size, params.seed, "data.test_size")
+    train_subset = stratified_sample(train, params.data.train_size, params.seeds.data, "data.train_size")
+    test_subset = stratified_sample(test, params.data.test_size, params.seeds.data, "data.test_size")
 
     write_parquet("data/train.parquet", train_subset)
     write_parquet("data/test.parquet", test_subset)

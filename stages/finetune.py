@@ -2,7 +2,7 @@
 
     python -m stages.finetune llama      (run by `dvc repro` as finetune_llama; deepseek likewise)
 
-Reads params: seed, data.max_length, models.<key> (lora_targets, trust_remote_code), quantization, lora, train,
+Reads params: seeds.train, data.max_length, models.<key> (lora_targets, trust_remote_code), quantization, lora, train,
 execution (training keys). Reads models/base/<key>/ and data/tokenized/<key>/. Writes models/adapters/<key>/ (adapter
 safetensors; training.json: resolved params, the base model's model.json, how it ran, library versions),
 metrics/finetune_<key>.json and the per-step series in plots/<key>/ (DVCLive). Checkpoints go to checkpoints/<key>/
@@ -49,7 +49,7 @@ def main() -> None:
     key = sys.argv[1]
     params = load_params()
     execution = params.execution
-    set_seed(params.seed)
+    set_seed(params.seeds.train)
     base, tokens = Path("models/base") / key, Path("data/tokenized") / key
     checkpoints, adapter_dir = Path("checkpoints") / key, Path("models/adapters") / key
     limit_gpu_memory(execution.memory_budget_gib)
@@ -57,7 +57,7 @@ def main() -> None:
     train = pd.read_parquet(tokens / "train.parquet")
     answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
     lengths = train["n_tokens"].to_numpy()
-    order = training_order(lengths, params.train.steps, params.train.batch_size, params.seed)
+    order = training_order(lengths, params.train.steps, params.train.batch_size, params.seeds.train)
     dataset = ReviewDataset(train.iloc[order], answer_ids)
 
     attention = attention_implementation(execution.attention, execution.padding == "packed")

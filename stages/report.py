@@ -4,7 +4,7 @@ quality with 95% intervals beside the zero-shot baselines and the paper's report
 
     python -m stages.report          (run by `dvc repro`)
 
-Reads all params (the report prints the resolved configuration; seed seeds the bootstrap), metrics/*.json,
+Reads all params (the report prints the resolved configuration; seeds.data seeds the bootstrap), metrics/*.json,
 data/source.json, data/predictions/<key>_{finetuned,zero_shot}/predictions.csv (one row per review), plots/<key>/
 (DVCLive series) and models/adapters/<key>/training.json (how each fine-tune ran, on which base model). Writes reports/.
 """

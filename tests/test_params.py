@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from duel.params import ParamsError, parse_params
+from duel.params import ParamsError, SeedParams, parse_params
 from duel.profile import extra_overrides, overlay, set_param_args
 
 
@@ -26,7 +26,7 @@ def changed(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def test_valid_params_load(params):
-    assert params.seed == 42
+    assert params.seeds == SeedParams(data=42, train=42, weights=42)
     assert params.data.max_length == 512
     assert params.data.label_words == [" negative", " positive"]
     assert set(params.models) == {"llama", "deepseek"}
@@ -70,8 +70,9 @@ def test_int_accepted_where_float_expected(raw_params):
         ("execution.pack_tokens", 256, "execution.pack_tokens"),  # shorter than data.max_length 512
         ("train.warmup_steps", -1, "train.warmup_steps"),
         ("execution.save_steps", -1, "execution.save_steps"),
-        ("seed", -1, "seed"),
-        ("seed", 2**32, "seed"),  # beyond what numpy and torch seed from
+        ("seeds.data", -1, "seeds.data"),
+        ("seeds.train", 2**32, "seeds.train"),  # beyond what numpy and torch seed from
+        ("seeds.weights", 1.5, "seeds.weights"),
         ("quantization.quant_type", "int8", "quantization.quant_type"),
         ("execution.precision", "fp8", "execution.precision"),
         ("models.deepseek.overrides", {"num_hidden_layers": 2}, "models.deepseek.overrides"),  # init: pretrained
@@ -133,7 +134,7 @@ def test_demo_profile_args(raw_params):
     # Made absolute, so that the experiment also runs from another folder (a queued run's copy).
     assert yaml.safe_load(args["data.source"]) == str((Path.cwd() / "../shared/data/imdb").resolve())
     # Only what the profile sets, nothing else of params.yaml.
-    assert "train.batch_size" not in args and "seed" not in args
+    assert "train.batch_size" not in args and not any(a.startswith("seeds") for a in args)
 
 
 def test_paper_profile_changes_execution_only(raw_params):

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -209,27 +208,21 @@ def test_compare_fits_a_terminal(demo: tuple[Path, str], reruns: dict[str, str])
     assert f"{accuracy:.3f}" in workspace and len(demo_row.split()) >= 11
 
 
-def test_queued_seeds_run_in_parallel(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
-    """`dvc exp run --queue` with two seeds, then `dvc queue start -j 2`: each runs in its own copy of the project
-    (.dvc/tmp/exps/), where only absolute paths and the environment reach ../shared."""
+def test_seed_study_runs_in_parallel(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    """`make seeds N=2 JOBS=2`: two queued experiments that differ in seeds.train only, run at once by
+    `dvc queue start -j 2` (each in its own copy of the project, where only absolute paths and the environment reach
+    ../shared), then aggregated into studies/seeds-train/."""
     repo, _ = demo
-    for seed in (1, 2):
-        run(["dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"seed={seed}"], repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo)
-        if not any(state in status for state in ("Queued", "Running")):
-            break
-        time.sleep(5)
-    assert "Failed" not in status, status + run(["dvc", "queue", "logs", "seed1"], repo)[-3000:]
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo))
-    done = {
-        rev["name"]: rev["data"]["metrics"]["metrics/evaluate.json"]["data"]
-        for commit in shown
-        for exp in commit.get("experiments") or []
-        for rev in exp["revs"]
-        if rev.get("name") in ("seed1", "seed2")
-    }
-    assert set(done) == {"seed1", "seed2"}, status
-    assert all(set(metrics) == {"llama", "deepseek"} for metrics in done.values())
+    venv = ROOT / ".venv"
+    shared = repo.parent / "elsewhere"
+    make = ["make", "-o", str(venv / ".installed"), "seeds", "N=2", "JOBS=2", f"SHARED={shared}", f"VENV={venv}"]
+    log = run(make, repo)
+    assert "seeds: queued seed-train1 (seeds.train=1)" in log and "seeds: queued seed-train2" in log
+    runs = pd.read_csv(repo / "studies" / "seeds-train" / "runs.csv")
+    assert sorted(runs["seed"].unique()) == [1, 2] and set(runs["model"]) == {"llama", "deepseek"}
+    accuracy = runs.pivot(index="seed", columns="model", values="accuracy")
+    assert runs["accuracy"].between(0, 1).all()
+    study = (repo / "studies" / "seeds-train" / "report.md").read_text()
+    assert "differ in `seeds.train` only (1, 2)" in study and "Gap (deepseek minus llama, accuracy)" in study
+    assert f"| 1 | {accuracy.loc[1, 'llama']:.3f} |" in study
+    assert (repo / "studies" / "seeds-train" / "accuracy.png").stat().st_size > 10_000
