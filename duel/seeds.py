@@ -97,7 +97,7 @@ def study(shown: list[dict[str, Any]], vary: str) -> tuple[pd.DataFrame, dict[st
         for key, values in metrics.items():
             seed = params[name][f"seeds.{vary}"]
             rows.append({"seed": seed, "model": key, **{m: values.get(m) for m in METRICS}, "test_reviews": test})
-    frame = pd.DataFrame(rows).sort_values(["seed", "model"], kind="stable").reset_index(drop=True)
+    frame = pd.DataFrame(rows).sort_values("seed", kind="stable").reset_index(drop=True)  # models in params order
     return frame, first
 
 
