@@ -7,6 +7,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--parallel] [--gpu-tests] [--profile-step]
                                                     [--baseline-last] [--no-default] [--test-size N]
                                                     [--compiled] [--sweep-kernels none,liger]
+    python3 benchmarks/run_device.py llama --ablation 3
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
@@ -14,6 +15,10 @@ project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` af
 25,000 reviews then fits a 10-minute call); --no-default leaves the 200-step fine-tune out (the budget run's adapter
 is then the one scored); --test-size N scores N test reviews; --profile-step profiles a few training steps;
 --compiled repeats the default and budget fine-tunes with execution.compile (each stage process compiles cold).
+
+--ablation N re-measures the paper's Table 3 instead: per model, both baselines (micro-batch 16, and the paper's
+1 x 16), then N steps of the paper's recipe (profiles/paper.yaml) and of that recipe with one technique changed
+(ABLATION), on 16 x N training reviews; no scoring.
 
 Per model: the baseline's best configuration (micro-batch 16, nf4 + double quant, checkpointing), run by importing
 ../shared/bench/hf_qlora_baseline.py (carried in .carry/); then the paper-scale duel through the stages in order
@@ -140,6 +145,29 @@ def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argpa
 
 COMPILED = {"compile": True, "kernels": "none"}  # inductor fuses RMSNorm, RoPE and SwiGLU itself
 
+# The paper's Table 3: its recipe, then with one technique switched (params sections laid over profiles/paper.yaml).
+ABLATION: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "no-4bit": {"quantization": {"enabled": False}},
+    "no-double-quant": {"quantization": {"double_quant": False}},
+    "no-checkpointing": {"execution": {"gradient_checkpointing": False}},
+    "eager-attention": {"execution": {"attention": "eager"}},  # no fused (Flash) attention kernel
+    "micro-batch-16": {"execution": {"micro_batch": 16}},
+}
+
+
+def ablation(key: str, profiles: list[Path], steps: int) -> None:
+    baseline(key, 16, 1, 4)
+    baseline(key, 1, 16, 2)
+    data = {"train_size": 16 * steps, "test_size": 64}
+    write_params(key, profiles, data=data)
+    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
+        stage(name, *args, tag=f"{name}_{key}")
+    paper = [*profiles, Path("profiles/paper.yaml")]
+    for variant, sections in ABLATION.items():
+        write_params(key, paper, data=data, train={"steps": steps}, **sections)
+        finetune(key, f"ablation-{variant}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -157,6 +185,7 @@ def main() -> None:
     parser.add_argument("--profile-step", action="store_true", help="benchmarks/profile_step.py after tokenize")
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
     parser.add_argument("--sweep-kernels", help="with --profile-step: the sweep's kernel sets (none,liger)")
+    parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -171,6 +200,9 @@ def main() -> None:
 
     baseline_last = args.baseline_last or args.no_default
     for key in args.keys:
+        if args.ablation:
+            ablation(key, profiles, args.ablation)
+            continue
         if not baseline_last:
             baseline(key, 16, 1, 4)
         write_params(key, profiles, data=data)
