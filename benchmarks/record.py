@@ -23,6 +23,8 @@ from typing import Any
 
 import pandas as pd
 
+from duel.claims import newest_ablation, table3_markdown
+
 BENCH = Path(__file__).resolve().parent
 RUN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-call(\d+)")
 STAGE_LOG = re.compile(r"^==== (\S+): exit 0 in ([\d.]+) s$", re.MULTILINE)  # run_device.py's end of a process
@@ -282,7 +284,7 @@ FINETUNE_COLUMNS = [
 
 def finetunes(records: list[Record]) -> str:
     """The project's fine-tunes of every call, with what each ran and its ratio to its own call's baseline."""
-    runs = [r for r in records if r.stage == "finetune" and not r.recipe.startswith("baseline")]
+    runs = [r for r in records if r.stage == "finetune" and not r.recipe.startswith(("baseline", "ablation"))]
     rows = [dataclasses.asdict(r) for r in sorted(runs, key=lambda r: (r.model, r.recipe, r.order))]
     return table(rows, FINETUNE_COLUMNS)
 
@@ -296,9 +298,15 @@ def sweeps(records: list[Record]) -> str:
     return table([{"variant": v} | {c: ratios.get((v, c)) for c in columns} for v in variants], ["variant", *columns])
 
 
+def ablation(records: list[Record]) -> str:
+    """The paper's Table 3 re-measured: the newest ablation call per model (duel.claims renders it for the report
+    too)."""
+    return "\n".join(table3_markdown(newest_ablation([dataclasses.asdict(r) for r in records])))
+
+
 def render_readme(records: list[Record]) -> str:
     text = (BENCH / "README.template.md").read_text()
-    for name, filled in (("targets", targets), ("finetunes", finetunes), ("sweeps", sweeps)):
+    for name, filled in (("targets", targets), ("finetunes", finetunes), ("sweeps", sweeps), ("ablation", ablation)):
         text = text.replace("{{" + name + "}}", filled(records))
     return text
 
