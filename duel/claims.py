@@ -171,7 +171,8 @@ def memory_claims(ablation: dict[str, dict[str, dict[str, Any]]], finetune: dict
                 claims.append(Claim(name, measured, "not measurable as stated", why))
             else:
                 inside = span[0] - TOLERANCE <= saved <= span[1] + TOLERANCE
-                why = f"{'within' if inside else 'more than'} {100 * TOLERANCE:.0f} points of the paper's figure"
+                off = f"{100 * TOLERANCE:.0f} points"
+                why = f"within {off} of the paper's figure" if inside else f"more than {off} from the paper's figure"
                 claims.append(Claim(name, measured, "supported" if inside else "contradicted", why))
     return claims
 
