@@ -37,8 +37,95 @@ def _hub_call(key: str, model: ModelParams, fn: Any, **kwargs: Any) -> Any:
         return fn(model.checkpoint, revision=model.revision, trust_remote_code=model.trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         if Path(model.checkpoint).exists():
-            raise ModelError(f"models.{key}.checkpoint: cannot load {model.checkpoint} ({err})") from None
+            raise ModelError(
+                f"models.{key}.checkpoint: cannot load {model.checkpoint} ({(str(err).splitlines() or [''])[0]}); "
+                "point it at a Hugging Face model folder or a hub id"
+            ) from None
         raise
+
+
+def _check_local_folder(key: str, model: ModelParams) -> None:
+    """A local checkpoint must be a Hugging Face model folder: config.json, the tokenizer.json the stages load as it
+    is, and for pretrained weights safetensors (pickled .bin files are never loaded: they can run code)."""
+    folder, name = Path(model.checkpoint), f"models.{key}.checkpoint: {model.checkpoint}"
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{name} has no config.json, so it is no Hugging Face model folder; point it at the folder that holds "
+            "config.json, tokenizer.json and the weights, or at a hub id"
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelError(
+            f"{name} has no tokenizer.json (the fast tokenizer file the stages load); save the model's tokenizer "
+            "there with tokenizer.save_pretrained"
+        )
+    if model.init == "pretrained" and not any(folder.glob("*.safetensors")):
+        raise ModelError(
+            f"{name} holds no *.safetensors weights (pickled .bin files are never loaded: they can run code); "
+            f"save them with save_pretrained(safe_serialization=True), or set models.{key}.init: random"
+        )
+
+
+def _check_causal_lm(key: str, model: ModelParams, config: Any) -> None:
+    """The duel trains and scores next-token logits: the checkpoint must be a causal (decoder-only) language model.
+    Code shipped with a checkpoint (trust_remote_code) registers its own classes, which this cannot know."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not model.trust_remote_code:
+        raise ModelError(
+            f"models.{key}.checkpoint: {model.checkpoint} is a {config.model_type} model ({type(config).__name__}), "
+            "not a causal language model; the duel fine-tunes decoder-only models such as meta-llama/Llama-2-7b-hf"
+        )
+
+
+# The sizes models.<key>.overrides shrink the architecture by: each must stay a whole number above zero.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def apply_overrides(key: str, config: Any, overrides: dict[str, int | float]) -> None:
+    """Set models.<key>.overrides on the config, refusing, with the key named, what makes no sense for the
+    architecture: a field it does not have, a size that is not a positive whole number, or attention heads that do
+    not split the width (query heads must divide hidden_size, key/value heads must divide the query heads)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    prefix = f"models.{key}.overrides"
+    for field, value in overrides.items():
+        if not hasattr(config, field):
+            raise ModelError(
+                f"{prefix}.{field}: not a field of {type(config).__name__}; check the spelling (its sizes: "
+                f"{', '.join(name for name in SIZE_FIELDS if hasattr(config, name))})"
+            )
+        if field in SIZE_FIELDS and (isinstance(value, float) or value <= 0):
+            raise ModelError(f"{prefix}.{field}: {value} must be a whole number > 0")
+        try:
+            setattr(config, field, value)
+        except StrictDataclassError as err:  # transformers' own check of the field's type
+            raise ModelError(f"{prefix}.{field}: {str(err).splitlines()[-1].strip()}") from None
+    heads = config.num_attention_heads
+    if {"hidden_size", "num_attention_heads"} & overrides.keys() and config.hidden_size % heads:
+        field = "num_attention_heads" if "num_attention_heads" in overrides else "hidden_size"
+        raise ModelError(
+            f"{prefix}.{field}: num_attention_heads {heads} does not divide hidden_size {config.hidden_size}; pick "
+            "sizes where it does (e.g. hidden_size 64, num_attention_heads 4)"
+        )
+    if {"num_attention_heads", "num_key_value_heads"} & overrides.keys() and heads % config.num_key_value_heads:
+        field = "num_key_value_heads" if "num_key_value_heads" in overrides else "num_attention_heads"
+        raise ModelError(
+            f"{prefix}.{field}: num_key_value_heads {config.num_key_value_heads} does not divide "
+            f"num_attention_heads {heads} (each key/value head serves an equal group of query heads); pick a divisor"
+        )
+    try:
+        config.validate()  # the architecture's own checks, where transformers defines them
+    except StrictDataclassError as err:
+        raise ModelError(f"{prefix}: {str(err).splitlines()[-1].strip()}") from None
 
 
 def _check_on_hub(key: str, model: ModelParams) -> None:
@@ -81,17 +168,19 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
     # The checkpoint's tokenizer.json as it is: transformers 5's AutoTokenizer maps DeepSeek-LLM's
     # "LlamaTokenizerFast" class onto Llama's Metaspace pre-tokenizer, which drops every space of its byte-level BPE
     # ("Hello world" -> "H", "ellow", "orld"). Loading the file directly keeps Llama-2's tokens unchanged too.
-    if not Path(model.checkpoint).is_dir():
+    # Everything that can be wrong with the checkpoint is checked before a weight is built or fetched.
+    if Path(model.checkpoint).is_dir():
+        _check_local_folder(key, model)
+    else:
         _check_on_hub(key, model)
-    tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained)
     config = _hub_call(key, model, AutoConfig.from_pretrained)
+    _check_causal_lm(key, model, config)
+    if model.init == "random":
+        apply_overrides(key, config, model.overrides)
+    tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained)
     with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         if model.init == "random":
-            for field, value in model.overrides.items():
-                if not hasattr(config, field):
-                    raise ModelError(f"models.{key}.overrides.{field}: not a field of {type(config).__name__}")
-                setattr(config, field, value)
             built = _random_model(config, seed)
             built.save_pretrained(tmp, safe_serialization=True)
             info = {
@@ -109,6 +198,11 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
             else:
                 path = _hub_call(key, model, _snapshot, snapshot_download=snapshot_download)
                 commit = Path(path).name
+                if not any(Path(path).glob("*.safetensors")):
+                    raise ModelError(
+                        f"models.{key}.checkpoint: {model.checkpoint} has no safetensors weights at {commit} (pickled "
+                        ".bin files are never loaded: they can run code); pick a revision or a copy that has them"
+                    )
             config.save_pretrained(tmp)
             info = {"source": "pretrained", "path": path, "revision": commit, "seed": None, "num_parameters": None}
         info |= {

@@ -1,12 +1,14 @@
-"""Stage report: reports/report.md with PNG figures: loss curves of both models on one chart, memory over steps,
-quality with 95% intervals beside the zero-shot baselines and the paper's reported numbers, the paired comparisons
-(accuracy difference, McNemar), the hardware bill, the configuration.
+"""Stage report: reports/report.md and its figures in plots/report/ (duel/figures.py: loss, memory, throughput,
+accuracy with its interval, confusion matrices, cost): quality with 95% intervals beside the zero-shot baselines and
+the paper's reported numbers, the paired comparisons (accuracy difference, McNemar), the hardware bill, the
+configuration.
 
     python -m stages.report          (run by `dvc repro`)
 
 Reads all params (the report prints the resolved configuration; seeds.data seeds the bootstrap), metrics/*.json,
 data/source.json, data/predictions/<key>_{finetuned,zero_shot}/predictions.csv (one row per review), plots/<key>/
-(DVCLive series) and models/adapters/<key>/training.json (how each fine-tune ran, on which base model). Writes reports/.
+(DVCLive series) and models/adapters/<key>/training.json (how each fine-tune ran, on which base model). Writes reports/
+and plots/report/.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from duel import cli
+from duel.claims import read_ablation
+from duel.figures import FOLDER, ModelRun, read_series, write_figures
 from duel.io import atomic_dir, read_json
 from duel.params import load_params
-from duel.report import line_figure, read_series, report_markdown
+from duel.report import PAPER_REPORTED, report_markdown
 
 
 def main() -> None:
@@ -39,19 +43,28 @@ def main() -> None:
         for key in keys
     }
 
-    with atomic_dir("reports") as out:
-        (out / "figures").mkdir()
-        loss = {key: s for key in keys if (s := read_series(Path("plots") / key, "loss")) is not None}
-        memory = {key: s for key in keys if (s := read_series(Path("plots") / key, "memory_gib")) is not None}
-        line_figure(loss, "loss", "answer-token cross-entropy", "Training loss", out / "figures" / "loss.png")
-        kind = "VRAM reserved by torch" if finetune[keys[0]]["memory"] == "cuda_reserved" else "CPU peak RSS"
-        line_figure(
-            memory, "memory_gib", f"GiB ({kind})", "Memory during training", out / "figures" / "memory.png", True
+    runs = [
+        ModelRun(
+            key,
+            bases[key]["vocab_size"],
+            bases[key]["source"] == "random",
+            read_series(Path("plots") / key),
+            finetune[key],
+            evaluate[key],
+            predictions[key],
+            PAPER_REPORTED.get(key, {}).get("accuracy"),
         )
-
-        text = report_markdown(params, bases, reviews, source, tokenize, finetune, evaluate, predictions)
+        for key in keys
+    ]
+    with atomic_dir(FOLDER) as out:
+        write_figures(out, runs, params.data.label_words)
+    with atomic_dir("reports") as out:
+        losses = {run.key: run.series["loss"]["loss"] for run in runs if "loss" in run.series}
+        text = report_markdown(
+            params, bases, reviews, source, tokenize, finetune, evaluate, predictions, losses, read_ablation()
+        )
         (out / "report.md").write_text(text)
-    print(f"report: reports/report.md ({len(keys)} models)")
+    print(f"report: reports/report.md ({len(keys)} models), figures in {FOLDER}/")
 
 
 if __name__ == "__main__":

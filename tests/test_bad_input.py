@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
-from huggingface_hub import constants, file_download
+from huggingface_hub import constants, file_download, hf_hub_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from project_copy import make_copy, stage_command, stage_env
 
+from duel import hub
 from duel import io as duel_io
 from duel.errors import ModelError
 from duel.hub import resolve_model
@@ -80,6 +82,110 @@ def test_gated_model_says_to_accept_the_licence(params, tmp_path: Path, monkeypa
     hub_answers(monkeypatch, http_error(GatedRepoError, 403))
     message = str(resolve_missing(params, tmp_path))
     assert "gated" in message and "HF_TOKEN" in message
+
+
+# --- a local folder that is not a model, overrides that make no sense -------------------------------------------------
+
+# The tiny demo architecture (profiles/demo.yaml).
+DEMO = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+
+
+def llama_file(name: str) -> bytes:
+    """One file of the real Llama-2-7B checkpoint, from the offline hub cache."""
+    return Path(hf_hub_download("meta-llama/Llama-2-7b-hf", name)).read_bytes()
+
+
+def model_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def resolve_refused(params, tmp_path: Path, **model: Any) -> str:
+    """resolve_model's one-line ModelError for models.llama with `model`'s fields, and nothing written."""
+    out_dir = tmp_path / "models" / "base" / "llama"
+    with pytest.raises(ModelError) as caught:
+        resolve_model("llama", dataclasses.replace(params.model("llama"), **model), 0, out_dir)
+    assert not out_dir.parent.exists() or list(out_dir.parent.iterdir()) == []
+    assert len(str(caught.value).splitlines()) == 1, str(caught.value)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("files", "init", "message"),
+    [
+        ({}, "random", r"has no config\.json, so it is no Hugging Face model folder; point it at the folder"),
+        ({"config.json": b"{}", "notes.md": b"# my run"}, "random", r"has no tokenizer\.json \(the fast tokenizer"),
+        ({"config.json": b'{"hidden_size": 64,', "tokenizer.json": b"{}"}, "random", r"cannot load .* \(It looks"),
+        ({"config.json": b'{"hidden_size": 64}', "tokenizer.json": b"{}"}, "random", r"cannot load .*Unrecognized"),
+        (
+            {"config.json": b'{"model_type": "t5"}', "tokenizer.json": b"{}"},
+            "random",
+            r"is a t5 model \(T5Config\), not a causal language model; the duel fine-tunes decoder-only models",
+        ),
+        ({"config.json": b"llama", "tokenizer.json": b"llama"}, "pretrained", r"holds no \*\.safetensors weights"),
+        (
+            {"config.json": b"llama", "tokenizer.json": b"llama", "pytorch_model.bin": b"pickle"},
+            "pretrained",
+            r"holds no \*\.safetensors weights \(pickled \.bin files are never loaded",
+        ),
+    ],
+    ids=["empty", "no-tokenizer", "broken-json", "no-model-type", "not-causal", "no-weights", "only-bin"],
+)
+def test_local_folder_that_is_not_a_model(params, tmp_path: Path, files: dict[str, bytes], init: str, message: str):
+    real = {"llama": {"config.json": llama_file("config.json"), "tokenizer.json": llama_file("tokenizer.json")}}
+    files = {name: real["llama"][name] if content == b"llama" else content for name, content in files.items()}
+    folder = model_folder(tmp_path / "my-model", files)
+    refused = resolve_refused(params, tmp_path, checkpoint=str(folder), init=init, overrides={})
+    assert refused.startswith(f"models.llama.checkpoint: {folder} ") or refused.startswith(
+        f"models.llama.checkpoint: cannot load {folder} "
+    ), refused
+    assert re.search(message, refused), refused
+
+
+def test_local_model_folder_with_random_init_is_used(params, tmp_path: Path):
+    real = {"config.json": llama_file("config.json"), "tokenizer.json": llama_file("tokenizer.json")}
+    folder = model_folder(tmp_path / "my-model", real)
+    model = dataclasses.replace(params.model("llama"), checkpoint=str(folder), init="random", overrides=DEMO)
+    info = resolve_model("llama", model, 0, tmp_path / "base")
+    assert info["hidden_size"] == 64 and info["num_hidden_layers"] == 2 and info["source"] == "random"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidn_size": 64}, r"overrides\.hidn_size: not a field of LlamaConfig; check the spelling \(its sizes: voc"),
+        ({"hidden_size": 0}, r"overrides\.hidden_size: 0 must be a whole number > 0"),
+        ({"num_hidden_layers": -2}, r"overrides\.num_hidden_layers: -2 must be a whole number > 0"),
+        ({"intermediate_size": 127.5}, r"overrides\.intermediate_size: 127\.5 must be a whole number > 0"),
+        (
+            DEMO | {"num_attention_heads": 3, "num_key_value_heads": 3},
+            r"overrides\.num_attention_heads: num_attention_heads 3 does not divide hidden_size 64; pick sizes",
+        ),
+        ({"hidden_size": 100}, r"overrides\.hidden_size: num_attention_heads 32 does not divide hidden_size 100"),
+        (
+            DEMO | {"num_key_value_heads": 3},
+            r"overrides\.num_key_value_heads: num_key_value_heads 3 does not divide num_attention_heads 4 \(each",
+        ),
+        ({"tie_word_embeddings": 2}, r"overrides\.tie_word_embeddings: TypeError: Field 'tie_word_embeddings' exp"),
+    ],
+    ids=["unknown-field", "zero", "negative", "fraction", "heads-width", "width-heads", "kv-heads", "wrong-type"],
+)
+def test_overrides_that_make_no_sense_are_refused_before_the_model_is_built(
+    params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any], message: str
+):
+    built = []
+    monkeypatch.setattr(hub, "_random_model", lambda config, seed: built.append(config))
+    refused = resolve_refused(params, tmp_path, init="random", overrides=overrides)
+    assert re.match(r"models\.llama\." + message, refused), refused
+    assert built == []
 
 
 # --- a disk that fills during a save ---------------------------------------------------------------------------------

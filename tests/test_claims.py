@@ -115,5 +115,6 @@ def test_lora_share_is_counted():
     # Llama-2-7B: q, v and o at r=16 are 3 x 32 x 16 x (4096 + 4096) = 12,582,912 of 6,738,415,616 parameters.
     finetune = {"llama": {"trainable_parameters": 39_976_960, "total_parameters": 6_738_415_616}}
     bases = {"llama": {"hidden_size": 4096, "num_hidden_layers": 32}}
-    (claim,) = lora_claim(finetune, bases, 16)
+    (claim,) = lora_claim(finetune, bases, 16, set())
     assert "0.187%" in claim.measured and "0.593%" in claim.measured and claim.verdict == "contradicted"
+    assert lora_claim(finetune, bases, 16, {"llama"})[0].verdict == "not measurable on this run"

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import http.server
+import io
+import re
+import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -23,7 +31,7 @@ def reviews(n_neg: int, n_pos: int) -> pd.DataFrame:
 # --- stratified_sample ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [1, 7, 50, 51, 100])
+@pytest.mark.parametrize("size", [2, 7, 50, 51, 100])
 def test_sample_size_and_balance(size):
     frame = reviews(60, 60)
     sample = stratified_sample(frame, size, seed=42, key="data.train_size")
@@ -60,6 +68,22 @@ def test_sample_whole_frame_is_a_shuffle():
     frame = reviews(10, 10)
     sample = stratified_sample(frame, 20, seed=0, key="data.test_size")
     assert sorted(sample["text"]) == sorted(frame["text"])
+
+
+@pytest.mark.parametrize(
+    ("frame", "size", "message"),
+    [
+        (reviews(60, 60), 1, r"data\.train_size: a subset of 1 holds no review of label 1 \(50\.0% .*at least 2 "),
+        (reviews(99, 1), 50, r"data\.train_size: a subset of 50 holds no review of label 1 .*at least 100 "),
+        (reviews(0, 30), 10, r"data\.train_size: .* no review of label 0 .*use a source with both classes"),
+    ],
+    ids=["too-small", "too-rare", "one-class-left"],
+)
+def test_sample_without_both_classes_is_refused(frame, size, message):
+    """Both classes in every subset: a subset of one class makes accuracy, F1 and ROC-AUC meaningless."""
+    with pytest.raises(DataError, match=message):
+        stratified_sample(frame, size, seed=0, key="data.train_size")
+    assert set(stratified_sample(reviews(99, 1), 100, seed=0, key="data.train_size")["label"]) == {0, 1}
 
 
 def test_sample_too_large_names_key():
@@ -126,10 +150,57 @@ def test_schema_bad_label_message_is_plain():
         check_schema(frame, "train", "src")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ([17, 4], r"text column of integer values, not text \(row 0: 17\)"),
+        ([b"good film", b"dull"], r"text column of bytes values, not text \(row 0: b'good film'\)"),
+        (["good film", 3.5], r"text column of mixed values, not text \(row 1: 3\.5\)"),
+        ([float("nan"), float("nan")], r"has 2 empty review\(s\)"),
+        (["good film", float("nan")], r"has 1 empty review\(s\)"),
+    ],
+    ids=["numbers", "bytes", "mixed", "all-nan", "one-nan"],
+)
+def test_schema_refuses_text_that_is_not_text(text, message):
+    frame = pd.DataFrame({"text": text, "label": [0, 1]})
+    with pytest.raises(DataError, match=r"^data\.source: my/source train split (has a )?" + message) as err:
+        check_schema(frame, "train", "my/source")
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [["neg", "pos"], ["0", "1"], pd.Categorical(["neg", "pos"])],
+    ids=["words", "digit-strings", "categorical"],
+)
+def test_schema_refuses_labels_given_as_words(labels):
+    frame = pd.DataFrame({"text": ["dull", "great"], "label": labels})
+    with pytest.raises(DataError, match=r"has labels \[.*\], not numbers; give them as 0 \(negative\) and 1 \(pos"):
+        check_schema(frame, "test", "src")
+
+
+@pytest.mark.parametrize("labels", [[0.0, 1.0], [False, True], pd.array([0, 1], dtype="Int8")])
+def test_schema_reads_integral_float_and_bool_labels_as_ints(labels):
+    out = check_schema(pd.DataFrame({"text": ["dull", "great"], "label": labels}), "train", "src")
+    assert out["label"].dtype == "int64" and out["label"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("labels", [[0.5, 1.0], [0.0, float("nan")]], ids=["fraction", "nan"])
+def test_schema_refuses_float_labels_that_are_not_0_or_1(labels):
+    with pytest.raises(DataError, match=r"outside \{0, 1\}"):
+        check_schema(pd.DataFrame({"text": ["dull", "great"], "label": labels}), "train", "src")
+
+
+def test_schema_refuses_a_split_of_one_class():
+    frame = pd.DataFrame({"text": ["great", "fine", "superb"], "label": [1, 1, 1]})
+    with pytest.raises(DataError, match=r"^data\.source: src test split holds only label 1 reviews; .*both classes"):
+        check_schema(frame, "test", "src")
+
+
 # --- read_source ---------------------------------------------------------------------------------------------------
 
 
-def source_params(params, source: Path):
+def source_params(params, source: Path | str):
     return dataclasses.replace(params.data, source=str(source))
 
 
@@ -182,6 +253,76 @@ def test_read_aclimdb_layout(tmp_path: Path, params):
     assert len(splits.source_sha256) == 64
 
 
+def write_files(root: Path, files: dict[str, str | bytes]) -> Path:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            (root / name).write_text(content, encoding="utf-8")
+        else:
+            (root / name).write_bytes(content)
+    return root
+
+
+# One review per class and split: the smallest aclImdb the duel can use.
+ACLIMDB = {
+    "train/pos/0_9.txt": "Loved it.",
+    "train/neg/0_2.txt": "Dull.",
+    "test/pos/0_10.txt": "A classic.",
+    "test/neg/0_1.txt": "Awful.",
+}
+# What copies of the tarball's folder carry besides the reviews (macOS, Windows, the tarball itself).
+STRAY_FILES = {
+    "README": "Large Movie Review Dataset v1.0",
+    "imdb.vocab": "the\nand\n",
+    "train/urls_pos.txt": "http://www.imdb.com/title/tt0453418/usercomments\n",
+    "train/labeledBow.feat": "9 0:9 1:1\n",
+    "train/unsup/0_0.txt": "An unlabelled review.",
+    "train/pos/.DS_Store": b"\x00\x00\x00\x01Bud1\x00\x00",
+    "train/pos/._0_9.txt": b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \xff\xfe",
+    "train/neg/Thumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+    "test/neg/desktop.ini": "[.ShellClassInfo]\r\n",
+}
+
+
+def test_read_aclimdb_leaves_stray_files_alone(tmp_path: Path, params):
+    root = write_files(tmp_path / "aclImdb", ACLIMDB | STRAY_FILES)
+    splits = read_source(source_params(params, root), tmp_path / "cache")
+    assert splits.train.values.tolist() == [["Dull.", 0], ["Loved it.", 1]]
+    assert splits.test.values.tolist() == [["Awful.", 0], ["A classic.", 1]]
+    # The folder the tarball was extracted into works as well as aclImdb/ itself.
+    parent = read_source(source_params(params, tmp_path), tmp_path / "cache")
+    pd.testing.assert_frame_equal(parent.train, splits.train)
+
+
+def test_read_aclimdb_drops_a_byte_order_mark(tmp_path: Path, params):
+    root = write_files(tmp_path / "aclImdb", ACLIMDB | {"train/pos/0_9.txt": "\ufeffLoved it, café and all.".encode()})
+    splits = read_source(source_params(params, root), tmp_path / "cache")
+    assert splits.train["text"].tolist() == ["Dull.", "Loved it, café and all."]
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "utf-16"])
+def test_read_aclimdb_refuses_a_file_that_is_not_utf8_naming_it(tmp_path: Path, params, encoding):
+    text = "Un café superbe." if encoding == "latin-1" else "Un café “superbe”."  # latin-1 has no curly quotes
+    root = write_files(tmp_path / "aclImdb", ACLIMDB | {"test/pos/7_8.txt": text.encode(encoding)})
+    with pytest.raises(DataError, match=r"^data\.source: .*test/pos/7_8\.txt is not UTF-8 \(.* at byte \d+\); ") as err:
+        read_source(source_params(params, root), tmp_path / "cache")
+    assert "iconv" in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "12_8 (copy).txt", "12.txt", "12_8.txt.txt"])
+def test_read_aclimdb_refuses_a_text_file_not_named_like_a_review(tmp_path: Path, params, name):
+    root = write_files(tmp_path / "aclImdb", ACLIMDB | {f"train/neg/{name}": "Maybe a review, maybe not."})
+    with pytest.raises(DataError, match=r"is not named <id>_<rating>\.txt like a review \(1 such file\(s\) in ") as err:
+        read_source(source_params(params, root), tmp_path / "cache")
+    assert str(err.value).startswith(f"data.source: {root / 'train' / 'neg' / name} ")
+
+
+def test_read_aclimdb_names_a_missing_class_folder(tmp_path: Path, params):
+    root = write_files(tmp_path / "aclImdb", {k: v for k, v in ACLIMDB.items() if not k.startswith("test/neg/")})
+    with pytest.raises(DataError, match=r"^data\.source: .*aclImdb has no test/neg/ folder; an extracted aclImdb"):
+        read_source(source_params(params, root), tmp_path / "cache")
+
+
 @pytest.mark.parametrize("name", ["does-not-exist", "empty-folder"])
 def test_read_missing_or_unknown_folder(tmp_path: Path, params, name):
     (tmp_path / "empty-folder").mkdir()
@@ -197,3 +338,127 @@ def test_shared_imdb_mirror_schema_and_sample(params):
     assert len(train) == 25_000
     sample = stratified_sample(train, 320, seed=42, key="data.train_size")
     assert sample["label"].value_counts().to_dict() == {0: 160, 1: 160}
+
+
+# --- a URL source -------------------------------------------------------------------------------------------------
+
+
+def tarball(files: dict[str, str | bytes]) -> bytes:
+    """A gzipped tar of `files` (path inside the archive -> content), as aclImdb_v1.tar.gz is built."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            entry = tarfile.TarInfo(name)
+            entry.size = len(data)
+            archive.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+GOOD_TARBALL = tarball({f"aclImdb/{name}": text for name, text in (ACLIMDB | STRAY_FILES).items()})
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[str]:
+    """A local web server (127.0.0.1) serving SERVED[path]; /cut-short.tar.gz announces more bytes than it sends."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            body, kind = SERVED.get(self.path, (b"<html>Not found</html>", "text/html"))
+            self.send_response(200 if self.path in SERVED else 404)
+            self.send_header("Content-Type", kind)
+            announced = len(body) * 2 if self.path == "/cut-short.tar.gz" else len(body)
+            self.send_header("Content-Length", str(announced))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+SERVED = {
+    "/aclImdb_v1.tar.gz": (GOOD_TARBALL, "application/x-gzip"),
+    "/login.tar.gz": (b"<!DOCTYPE html><html><body>Please log in</body></html>", "text/html"),
+    "/plain.tar.gz": (b"aclImdb/train/pos/0_9.txt Loved it.\n" * 20, "application/octet-stream"),
+    "/truncated.tar.gz": (GOOD_TARBALL[: len(GOOD_TARBALL) // 2], "application/x-gzip"),
+    "/other.tar.gz": (tarball({"sst2/train.tsv": "sentence\tlabel\n"}), "application/x-gzip"),
+    "/cut-short.tar.gz": (GOOD_TARBALL, "application/x-gzip"),
+}
+
+
+def test_read_url_tarball(tmp_path: Path, params, web: str):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    splits = read_source(source_params(params, f"{web}/aclImdb_v1.tar.gz"), cache)
+    assert splits.source_kind == "url"
+    assert splits.train.values.tolist() == [["Dull.", 0], ["Loved it.", 1]]
+    assert splits.source_sha256 == hashlib.sha256(GOOD_TARBALL).hexdigest()
+    assert sorted(p.name for p in cache.iterdir()) == ["aclImdb", "aclImdb_v1.tar.gz"]
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/login.tar.gz", r"not a readable tar archive: ReadError"),
+        ("/plain.tar.gz", r"not a readable tar archive: ReadError"),
+        ("/truncated.tar.gz", r"not a readable tar archive: (EOFError|ReadError)"),
+        ("/other.tar.gz", r"it holds no aclImdb/ folder; first entries: sst2/train\.tsv"),
+    ],
+    ids=["html-page", "not-gzip", "truncated", "no-aclImdb"],
+)
+def test_url_that_serves_no_aclimdb_tarball_is_refused_and_removed(tmp_path: Path, params, web: str, path, problem):
+    cache = tmp_path / "cache"
+    write_files(cache / "aclImdb", ACLIMDB)  # an earlier download's folder: never read in place of this one
+    url = f"{web}{path}"
+    with pytest.raises(DataError) as err:
+        read_source(source_params(params, url), cache)
+    message = str(err.value)
+    assert re.match(rf"data\.source: {re.escape(url)} did not serve the aclImdb tarball \({problem}", message), message
+    assert "the download was removed" in message and len(message.splitlines()) == 1
+    assert list(cache.iterdir()) == [], "the bad download (or an old extraction) was left behind"
+
+
+def test_url_transfer_cut_short_leaves_nothing(tmp_path: Path, params, web: str):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    url = f"{web}/cut-short.tar.gz"
+    with pytest.raises(DataError, match=rf"^data\.source: cannot download {re.escape(url)} \(.+\); use a local"):
+        read_source(source_params(params, url), cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_url_that_does_not_exist(tmp_path: Path, params, web: str):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(DataError, match=r"^data\.source: cannot download .*/missing\.tar\.gz \(HTTP Error 404"):
+        read_source(source_params(params, f"{web}/missing.tar.gz"), cache)
+    assert list(cache.iterdir()) == []
+
+
+# --- a hub data set -----------------------------------------------------------------------------------------------
+
+
+def test_hub_data_set_without_a_test_split(tmp_path: Path, params, monkeypatch: pytest.MonkeyPatch):
+    import datasets
+
+    loaded = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(reviews(2, 2))})
+    monkeypatch.setattr(datasets, "load_dataset", lambda dataset_id: loaded)
+    with pytest.raises(DataError, match=r"^data\.source: hub data set 'org/sst' has no test split \(it has train\)"):
+        read_source(source_params(params, "org/sst"), tmp_path / "cache")
+
+
+def test_hub_data_set_with_other_columns_names_them(tmp_path: Path, params, monkeypatch: pytest.MonkeyPatch):
+    import datasets
+
+    other = datasets.Dataset.from_pandas(reviews(2, 2).rename(columns={"text": "sentence"}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda dataset_id: datasets.DatasetDict(train=other, test=other))
+    splits = read_source(source_params(params, "org/sst"), tmp_path / "cache")
+    with pytest.raises(DataError, match=r"train split lacks column\(s\) \['text'\]"):
+        check_schema(splits.train, "train", "org/sst")

@@ -131,18 +131,20 @@ def test_metrics_files_hold_numbers_only(demo: tuple[Path, str]) -> None:
 def test_demo_per_step_series_and_dvc_plots(demo: tuple[Path, str]) -> None:
     repo, _ = demo
     for key in ("llama", "deepseek"):
-        for series in ("loss", "memory_gib", "tokens_per_s"):
+        for series in ("loss", "label_word_loss", "memory_gib", "tokens_per_s"):
             frame = pd.read_csv(repo / f"plots/{key}/plots/metrics/{series}.tsv", sep="\t")
             assert frame["step"].max() == 20 and frame[series].notna().all(), (key, series)
     loss = pd.read_csv(repo / "plots/llama/plots/metrics/loss.tsv", sep="\t")["loss"]
     assert loss.iloc[-1] < loss.iloc[0]  # LoRA learns to say one of the two label words
     plots = json.loads(run(["dvc", "plots", "show", "--json"], repo))["data"]
-    for title, column in (("Training loss", "loss"), ("Memory during training", "memory_gib")):
+    for title, column in (("Training loss", "loss"), ("Label-word", "label_word_loss"), ("Memory", "memory_gib")):
         (name,) = [n for n in plots if n.startswith(title)]
         values = plots[name][0]["content"]["data"]["values"]
         drawn = {v["filename"].split("/")[0] for v in values if v.get(column) not in (None, "")}
         assert drawn == {"llama", "deepseek"}, (title, drawn)  # both models on one chart
     assert any(n.startswith("Confusion, llama") for n in plots)
+    for figure in ("accuracy", "confusion", "throughput", "cost"):  # the report's figures, as images
+        assert plots[f"plots/report/{figure}.png"][0]["type"] == "image", figure
 
 
 def test_demo_report(demo: tuple[Path, str]) -> None:
@@ -151,8 +153,9 @@ def test_demo_report(demo: tuple[Path, str]) -> None:
     assert "had random weights" in report
     assert report.count("| llama | ") >= 3 and report.count("| deepseek | ") >= 3  # quality x2 + hardware
     assert "0.924" in report and "0.85" in report  # the paper's claims are quoted beside ours
-    for figure in ("loss.png", "memory.png"):
-        assert (repo / "reports/figures" / figure).read_bytes()[:4] == b"\x89PNG"
+    for figure in ("loss", "memory", "throughput", "accuracy", "confusion", "cost"):
+        assert (repo / f"plots/report/{figure}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"](../plots/report/{figure}.png)" in report  # embedded, relative to the report
 
 
 def test_lora_change_reruns_the_finetunes_and_what_follows(demo: tuple[Path, str], reruns: dict[str, str]) -> None:

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from duel.training import (
+    FP16_OVERFLOWS,
     IGNORE,
     AnswerCollator,
     ReviewDataset,
@@ -291,8 +292,32 @@ def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
     callback.on_log(args, state, control, logs=logs)
     assert logs["tokens_per_s"] > 0 and logs["padded_tokens_per_s"] >= logs["tokens_per_s"]
     assert logs["reviews_per_s"] > 0 and logs["memory_gib"] > 0
-    with pytest.raises(TrainingError, match=r"execution\.precision"):
+    # Not in fp16 (tests/test_error_paths.py checks the fp16 message): the run diverged.
+    with pytest.raises(TrainingError, match=r"loss is nan at step 2; the training diverged: lower train\.learning_r"):
         callback.on_log(args, state, control, logs={"loss": float("nan")})
+    with pytest.raises(TrainingError, match=r"gradient norm is inf at step 2; the training diverged"):
+        callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": float("inf")})
+
+
+def test_fp16_overflow_skips_are_routine_until_they_persist(tmp_path):
+    """In fp16 the loss scaler skips a step whose gradients overflow and halves its scale: a few non-finite gradient
+    norms are routine (the paper's recipe logs them early on); FP16_OVERFLOWS logged in a row stop the run."""
+    callback = StepTelemetry(np.full(20, 100.0), np.full(20, 128.0), batch_size=16)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    args.fp16 = True  # set after construction: the CPU would refuse fp16 in TrainingArguments' own checks
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step in range(1, FP16_OVERFLOWS):
+        state.global_step = step
+        callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": float("nan")})
+    state.global_step += 1
+    callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": 1.5})  # a finite one resets the count
+    for _ in range(FP16_OVERFLOWS - 1):
+        state.global_step += 1
+        callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": float("inf")})
+    state.global_step += 1
+    with pytest.raises(TrainingError, match=f"overflowed fp16 in {FP16_OVERFLOWS} logged steps in a row"):
+        callback.on_log(args, state, control, logs={"loss": 0.7, "grad_norm": float("inf")})
 
 
 # --- execution.compile ---------------------------------------------------------------------------------------------
