@@ -3,11 +3,9 @@
     .venv/bin/python benchmarks/record.py benchmarks/raw/2026-12-01-h200-call01   # add a call, render the README
     .venv/bin/python benchmarks/record.py                                          # render the README only
 
-A call folder is the $OUT of `bash benchmarks/device.sh ...`, copied to benchmarks/raw/<date>-<gpu>-call<NN> (NN
-numbers the calls of that date in order). It holds gpu.csv and versions.json, and results.jsonl (one line per result:
-{"kind", "model", "tag", "data"}) with log.txt beside it: at the folder's top when the models ran on one GPU, in
-<model>/ with --parallel. The call's records replace any records of the same run. The README is README.template.md
-with its {{tables}} filled from records.jsonl. Both files are written atomically.
+A call folder (the $OUT of benchmarks/device.sh) holds gpu.csv, versions.json, and results.jsonl ({"kind", "model",
+"tag", "data"} per line) with log.txt, at its top or, with --parallel, in <model>/. The README is README.template.md
+with its {{tables}} filled from records.jsonl; both are written atomically.
 """
 
 from __future__ import annotations
