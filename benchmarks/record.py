@@ -32,7 +32,7 @@ STAGE_LOG = re.compile(r"^==== (\S+): exit 0 in ([\d.]+) s$", re.MULTILINE)  # r
 # checkpointing (a second forward). N = total parameters; attention FLOPs are left out.
 PEAK_FLOPS = 790e12
 MAX_LENGTH = 512  # data.max_length; the fine-tune metrics do not record it
-SWEEP_STEPS = 4  # benchmarks/profile_step.py's --sweep-steps as run_device.py runs it
+SWEEP_STEPS = 4  # the steps of a `sweep` result: a variant timed outside the Trainer, as the earlier calls ran it
 REVIEWS_PER_STEP = 16  # the default recipe's optimizer step: micro-batch x accumulation
 # The targets: fine-tune reviews/s over the same call's baseline; evaluate reviews/s; the paper-scale duel.
 TARGET_RATIO = {"default": 3.0, "budget": 2.0}

@@ -6,15 +6,17 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
                                                     [--parallel] [--gpu-tests] [--profile-step]
                                                     [--baseline-last] [--no-default] [--test-size N]
-                                                    [--compiled] [--sweep-kernels none,liger]
+                                                    [--compiled] [--sweep N]
     python3 benchmarks/run_device.py llama --ablation 3
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
 --baseline-last runs the baseline after the duel's stages (a per-GPU chain of download, tokenize, 200 steps and
 25,000 reviews then fits a 10-minute call); --no-default leaves the 200-step fine-tune out (the budget run's adapter
-is then the one scored); --test-size N scores N test reviews; --profile-step profiles a few training steps;
---compiled repeats the default and budget fine-tunes with execution.compile (each stage process compiles cold).
+is then the one scored); --test-size N scores N test reviews; --profile-step profiles steps 3-5 of the finetune
+stage's own run (duel/profiling.py, into $OUT/profile-<key>/); --sweep N runs N steps of the finetune stage per
+execution variant of SWEEP; --compiled repeats the default and budget fine-tunes with execution.compile (each stage
+process compiles cold).
 
 --ablation N re-measures the paper's Table 3 instead: per model, both baselines (micro-batch 16, and the paper's
 1 x 16), then N steps of the paper's recipe (profiles/paper.yaml) and of that recipe with one technique changed
@@ -73,7 +75,7 @@ def write_params(key: str, profiles: list[Path], **sections: dict[str, Any]) -> 
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
 
 
-def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
+def call(cmd: list[str], tag: str, env: dict[str, str] | None = None) -> tuple[int, float, str]:
     """Run a command, its stderr streamed into $OUT/log.txt (progress bars show even if the call is cut short)."""
     start = time.perf_counter()
     with (OUT / "log.txt").open("a") as log:
@@ -81,8 +83,8 @@ def call(cmd: list[str], tag: str) -> tuple[int, float, str]:
         log.flush()
         # Each process compiles cold (execution.compile): the cost a first run pays, not a cache another run warmed.
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
-            env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache}
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            extra = {"TORCHINDUCTOR_CACHE_DIR": cache, **(env or {})}
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ | extra)
         seconds = time.perf_counter() - start
         log.write(f"{done.stdout}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
     print(f"{tag}: exit {done.returncode} in {seconds:.1f} s", flush=True)
@@ -156,6 +158,31 @@ ABLATION: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# How the default recipe's steps are executed, one choice changed per variant (what is learned stays the same).
+SWEEP: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "rows-1024": {"execution": {"pack_tokens": 1024}},
+    "rows-4096": {"execution": {"pack_tokens": 4096}},
+    "mb8": {"execution": {"micro_batch": 8}},
+    "ckpt-all": {"execution": {"gradient_checkpointing": True}},
+    "sdpa": {"execution": {"attention": "sdpa"}},
+    "no-liger": {"execution": {"kernels": "none"}},
+}
+
+
+def sweep(key: str, profiles: list[Path], data: dict[str, Any], steps: int) -> None:
+    for variant, sections in SWEEP.items():
+        write_params(key, profiles, data=data, train={"steps": steps}, **sections)
+        finetune(key, f"sweep-{variant}")
+
+
+def profile_steps(key: str, profiles: list[Path], data: dict[str, Any]) -> None:
+    """Steps 3-5 of the default recipe's finetune stage under torch.profiler (duel/profiling.py)."""
+    write_params(key, profiles, data=data, train={"steps": 5})
+    env = {"DUEL_PROFILE": str(OUT.resolve() / f"profile-{key}"), "DUEL_PROFILE_STEPS": "2:3"}
+    call([sys.executable, "-m", "stages.finetune", key], f"profile_{key}", env)
+
+
 def ablation(key: str, profiles: list[Path], steps: int) -> None:
     baseline(key, 16, 1, 4)
     baseline(key, 1, 16, 2)
@@ -182,9 +209,9 @@ def main() -> None:
     parser.add_argument("--baseline-last", action="store_true", help="the baseline after the duel's stages")
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--gpu-tests", action="store_true")
-    parser.add_argument("--profile-step", action="store_true", help="benchmarks/profile_step.py after tokenize")
+    parser.add_argument("--profile-step", action="store_true", help="profile steps 3-5 of the finetune stage")
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
-    parser.add_argument("--sweep-kernels", help="with --profile-step: the sweep's kernel sets (none,liger)")
+    parser.add_argument("--sweep", type=int, default=0, help="N steps of the finetune stage per SWEEP variant")
     parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -212,8 +239,10 @@ def main() -> None:
             "tokenize": stage("tokenize", tag=f"tokenize_{key}"),
         }
         if args.profile_step:
-            sweep = [] if args.sweep_kernels is None else ["--kernels", args.sweep_kernels]
-            call([sys.executable, "benchmarks/profile_step.py", key, *sweep], f"profile_{key}")
+            profile_steps(key, profiles, data)
+        if args.sweep:
+            sweep(key, profiles, data, args.sweep)
+        write_params(key, profiles, data=data)  # the default recipe again, after the profile's and sweep's params
         if not args.no_default:
             timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
             emit("finetune", key, "default", finetune_result(key))

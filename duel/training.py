@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import TrainOutput
 
+from duel import profiling
 from duel.checkpointing import checkpointed_layers, decoder_layers, switch_on_checkpointing
 from duel.errors import TrainingError
 from duel.modeling import quantization_name
@@ -472,6 +473,7 @@ def fine_tune(
     `live` (DVCLive) and saving checkpoints to `checkpoints`; resume from `resume` when given. On a CUDA out-of-memory
     error the run goes on with less memory (train_with_backoff)."""
     token_counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    profiler = profiling.from_environment()  # DUEL_PROFILE: torch.profiler over a few of these very steps
 
     def build(micro_batch: int) -> Trainer:
         run_params = with_micro_batch(params, micro_batch)
@@ -484,7 +486,7 @@ def fine_tune(
             train_dataset=dataset,
             data_collator=collator,
             compute_loss_func=loss,
-            callbacks=[*callbacks, DVCLiveCallback(live=live)],
+            callbacks=[*callbacks, DVCLiveCallback(live=live), *([profiler] if profiler else [])],
         )
 
     if torch.cuda.is_available():

@@ -4,6 +4,7 @@ micro-batch, the run goes on from the last completed step and ends where a run a
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, Trainer
 
 from duel.checkpointing import switch_on_checkpointing
-from duel.params import Params
+from duel.params import Params, ParamsError
+from duel.profiling import ProfileSteps, from_environment
 from duel.training import (
     AnswerCollator,
     ReviewDataset,
@@ -131,3 +133,40 @@ def test_oom_switches_checkpointing_on_before_halving(params: Params, tmp_path: 
     assert result.oom_retries == 3  # ... and, the fake OOM ignoring it, 8 -> 4 -> 2 followed
     assert result.micro_batch == 2
     assert result.trainer.state.global_step == STEPS
+
+
+def test_profiler_wraps_the_trainers_own_steps(params: Params, tmp_path: Path) -> None:
+    """DUEL_PROFILE's callback profiles steps of the real Trainer run (no second training loop) and changes nothing
+    that is learned: the losses equal an unprofiled run's."""
+    small = small_params(params)
+    losses = {}
+    for profiled in (False, True):
+        model, data = tiny_lora(), dataset()
+        callbacks = [ProfileSteps(tmp_path / "profile", skip=1, count=2)] if profiled else []
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(small, tmp_path / f"run-{profiled}"),
+            train_dataset=data,
+            data_collator=AnswerCollator(pad_id=0, padding="longest", row_tokens=64),
+            compute_loss_func=answer_loss,
+            callbacks=callbacks,
+        )
+        trainer.train()
+        losses[profiled] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[True] == losses[False] and len(losses[True]) == STEPS
+    assert "aten::mm" in (tmp_path / "profile" / "kernels.txt").read_text()  # the LoRA and base matrix products
+    steps = json.loads((tmp_path / "profile" / "steps.json").read_text())
+    assert steps["first_step"] == 2 and steps["steps"] == 2 and steps["seconds_per_step"] > 0
+    assert json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
+
+
+def test_profiler_is_asked_for_by_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DUEL_PROFILE", raising=False)
+    assert from_environment() is None
+    monkeypatch.setenv("DUEL_PROFILE", str(tmp_path))
+    monkeypatch.setenv("DUEL_PROFILE_STEPS", "3:1")
+    callback = from_environment()
+    assert (callback.folder, callback.skip, callback.count) == (tmp_path, 3, 1)
+    monkeypatch.setenv("DUEL_PROFILE_STEPS", "three")
+    with pytest.raises(ParamsError, match=r"DUEL_PROFILE_STEPS: 'three' is not <skip>:<count>"):
+        from_environment()
