@@ -34,12 +34,13 @@ compare: setup
 	@$(PY) -m duel.compare
 
 # A seed study of the workspace's params: N runs differing in seeds.$(VARY) only, JOBS at a time, then the gap between
-# the models against the seed-to-seed spread in studies/seeds-$(VARY)/report.md.
+# the models against the seed-to-seed spread in studies/seeds-$(VARY)/report.md. ARGS="-S key=value ..." goes to
+# every run.
 N ?= 3
 VARY ?= train
 JOBS ?= 1
 seeds: setup
-	$(OFFLINE) $(PY) -m duel.seeds queue $(N) --vary $(VARY) --jobs $(JOBS)
+	$(OFFLINE) $(PY) -m duel.seeds queue $(N) --vary $(VARY) --jobs $(JOBS) $(ARGS)
 	$(PY) -m duel.seeds report --vary $(VARY)
 
 paper: setup
