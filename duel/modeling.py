@@ -93,7 +93,7 @@ def load_base_model(
     info = read_json(base_dir / "model.json")
     if attention_kind == attention.VARLEN:
         attention.register()  # with transformers' AttentionInterface, under the name "varlen"
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}  # a rank's own GPU
     loaded = AutoModelForCausalLM.from_pretrained(
         info["path"],  # a local folder: the random checkpoint, or the pinned hub snapshot
         dtype=DTYPES[params.execution.compute_dtype],

@@ -135,7 +135,15 @@ class ExecutionParams:
     gradients of each path against the plain one); profiles/paper.yaml sets the paper's literal recipe here."""
 
     micro_batch: int
-    """Reviews per forward pass; train.batch_size / micro_batch passes are accumulated (paper: 1 x 16)."""
+    """Reviews per forward pass of each process; train.batch_size / (micro_batch x processes) passes are accumulated
+    (paper: 1 x 16)."""
+    data_parallel: int | Literal["auto"]
+    """Processes training one fine-tune together, each on its own GPU (torchrun with DistributedDataParallel under
+    the Trainer; gloo between CPU processes): each takes micro_batch reviews per pass of every step's
+    train.batch_size, and the gradients are summed over all, so what is learned does not change. auto: all visible
+    CUDA GPUs that split a step evenly (1 on a CPU; 1 at micro_batch 16 of 16 reviews, 2 GPUs at micro_batch 8).
+    Above 1, the stage re-launches itself under torchrun; under a torchrun started by hand (several machines),
+    torchrun's world size rules."""
     precision: Literal["bf16", "fp16", "fp32"]
     """Mixed precision of the trainable part (paper: fp16)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"]
@@ -185,6 +193,8 @@ class ExecutionParams:
     def __post_init__(self) -> None:
         for key in ("micro_batch", "pack_tokens", "logging_steps", "eval_batch_size"):
             _positive(f"execution.{key}", getattr(self, key))
+        if self.data_parallel != "auto":
+            _positive("execution.data_parallel", self.data_parallel)
         if self.save_steps < 0:
             raise ParamsError(f"execution.save_steps: {self.save_steps} must be >= 0 (0: never)")
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
@@ -214,6 +224,8 @@ class Params:
                 f"execution.micro_batch: {self.execution.micro_batch} does not divide train.batch_size "
                 f"{self.train.batch_size}; use a divisor so the effective batch stays the same"
             )
+        if self.execution.data_parallel != "auto":
+            check_step_split(self.train.batch_size, self.execution.micro_batch, self.execution.data_parallel)
         if self.execution.padding == "packed" and self.execution.pack_tokens < self.data.max_length:
             raise ParamsError(
                 f"execution.pack_tokens: {self.execution.pack_tokens} is shorter than data.max_length "
@@ -229,6 +241,18 @@ class Params:
         if key not in self.models:
             raise ParamsError(f"models.{key}: no such model in params.yaml; known: {', '.join(self.models)}")
         return self.models[key]
+
+
+def check_step_split(batch_size: int, micro_batch: int, processes: int, source: str = "data_parallel") -> None:
+    """A step's reviews must split evenly into micro-batches of every process: the same train.batch_size reviews
+    per step whatever the number of processes."""
+    if batch_size % (micro_batch * processes):
+        fits = [d for d in range(1, micro_batch + 1) if batch_size % (d * processes) == 0]
+        fix = f"set execution.micro_batch: {fits[-1]}, or" if fits else "use"
+        raise ParamsError(
+            f"execution.micro_batch: {micro_batch} reviews x {processes} processes (execution.{source}) does not "
+            f"divide train.batch_size {batch_size}; {fix} fewer processes"
+        )
 
 
 def _positive(key: str, value: int | float) -> None:

@@ -29,6 +29,7 @@ from duel import profiling
 from duel.checkpointing import checkpointed_layers, decoder_layers, switch_on_checkpointing
 from duel.errors import TrainingError
 from duel.modeling import quantization_name
+from duel.parallel import world_size
 from duel.params import Params
 from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory
 
@@ -209,7 +210,10 @@ class AnswerLoss(TrainerCallback):
     ) -> None:
         if logs is None or "loss" not in logs or not self.reviews:
             return
-        logs["label_word_loss"] = round(float(self.label_word_sum) / self.reviews, 4)
+        summed = torch.tensor([float(self.label_word_sum), self.reviews], dtype=torch.float64, device=args.device)
+        if torch.distributed.is_initialized():  # every rank logs the same steps: the mean over all ranks' reviews
+            torch.distributed.all_reduce(summed)
+        logs["label_word_loss"] = round(float(summed[0] / summed[1]), 4)
         self.label_word_sum, self.reviews = 0.0, 0
 
 
@@ -331,7 +335,7 @@ def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
         output_dir=str(output_dir),
         max_steps=train.steps,
         per_device_train_batch_size=execution.micro_batch,
-        gradient_accumulation_steps=params.grad_accum,
+        gradient_accumulation_steps=params.grad_accum // world_size(),  # the step's reviews split over the ranks
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_steps,
@@ -350,6 +354,10 @@ def training_arguments(params: Params, output_dir: Path) -> TrainingArguments:
         train_sampling_strategy="sequential",  # training_order() already shuffled, seeded
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Under data parallelism, accelerate deals the sequential micro-batches out to the ranks in turn (rank r gets
+        # micro-batches r, r + ranks, ...), so a step's ranks x grad_accum micro-batches are the step's reviews of
+        # training_order(). Every LoRA weight gets a gradient in every pass: DDP need not search for unused ones.
+        ddp_find_unused_parameters=False,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
@@ -389,6 +397,11 @@ def train_with_backoff(
         try:
             return BackoffResult(trainer, trainer.train(resume_from_checkpoint=resume), micro_batch, retries)
         except torch.OutOfMemoryError:
+            if world_size() > 1:  # the other ranks wait in a collective; torchrun stops them when this one exits
+                raise TrainingError(
+                    f"train: out of GPU memory under data parallelism ({world_size()} processes), where the back-off "
+                    "does not run; lower execution.micro_batch or set execution.gradient_checkpointing: true"
+                ) from None
             pass  # handled below, once the traceback (and the activations its frames hold) is released
         step = trainer.state.global_step
         checkpointing_was_off = switch_on_checkpointing()
@@ -465,7 +478,7 @@ def fine_tune(
     order: np.ndarray,
     params: Params,
     collator: AnswerCollator,
-    live: Live,
+    live: Live | None,
     checkpoints: Path,
     resume: Path | None,
 ) -> FineTune:
@@ -479,14 +492,16 @@ def fine_tune(
         run_params = with_micro_batch(params, micro_batch)
         token_counts[micro_batch] = step_token_counts(lengths, order, run_params)
         loss = AnswerLoss(dataset.answer_ids)  # a callback too: adds the label-word loss to the log line
-        callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size), loss, LiveStep(live)]
+        callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size), loss]
+        if live is not None:  # None on ranks other than 0: one process writes the series
+            callbacks += [LiveStep(live), DVCLiveCallback(live=live)]
         return Trainer(
             model=model,
             args=training_arguments(run_params, checkpoints),
             train_dataset=dataset,
             data_collator=collator,
             compute_loss_func=loss,
-            callbacks=[*callbacks, DVCLiveCallback(live=live), *([profiler] if profiler else [])],
+            callbacks=[*callbacks, *([profiler] if profiler else [])],
         )
 
     if torch.cuda.is_available():
@@ -557,7 +572,7 @@ def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int
         "energy_j_per_step": round(energy / steps_timed, 2) if energy else None,
         "checkpointed_layers": checkpointed_layers(model),
         "micro_batch": done.run.micro_batch,
-        "grad_accum": params.train.batch_size // done.run.micro_batch,
+        "grad_accum": params.train.batch_size // (done.run.micro_batch * world_size()),
         "oom_retries": done.run.oom_retries,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -577,4 +592,5 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "padding": params.execution.padding,
         "gradient_checkpointing": f"{checkpointed_layers(model)} of {len(decoder_layers(model))} layers",
         "memory": memory_kind(),
+        "processes": world_size(),
     }

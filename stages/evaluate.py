@@ -10,9 +10,10 @@ ROC-AUC, reviews/s, memory for every model) and data/predictions/<key>_finetuned
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from duel import cli
+from duel import cli, parallel
 from duel.io import write_json
 from duel.params import load_params
 from duel.scoring import score_model
@@ -20,6 +21,8 @@ from duel.scoring import score_model
 
 def main() -> None:
     params = load_params()
+    if parallel.claim_gpus(1, "evaluate"):  # a free GPU of the host, unless CUDA_VISIBLE_DEVICES says which
+        sys.exit(parallel.relaunch("stages.evaluate", 1))  # in a child, where CUDA starts on it
     results = {}
     for key, model in params.models.items():
         base, tokens, adapter = Path("models/base") / key, Path("data/tokenized") / key, Path("models/adapters") / key

@@ -7,6 +7,14 @@ execution (training keys). Reads models/base/<key>/ and data/tokenized/<key>/. W
 safetensors; training.json: resolved params, the base model's model.json, how it ran, library versions),
 metrics/finetune_<key>.json and the per-step series in plots/<key>/ (DVCLive). Checkpoints go to checkpoints/<key>/
 every execution.save_steps steps; a rerun after a crash resumes from the last one.
+
+With execution.data_parallel above 1 it re-launches itself under torchrun, one rank per GPU (or CPU process), and
+only rank 0 writes. On a host with several GPUs and no CUDA_VISIBLE_DEVICES, it first claims free ones for its
+work (duel/parallel.py), so that queued experiments spread over them. Across machines, start it under torchrun
+on each (README: several GPUs or machines):
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m stages.finetune llama
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from transformers import set_seed
 
-from duel import cli
+from duel import cli, parallel
 from duel.checkpointing import checkpointed_layers, decoder_layers, limit_gpu_memory
 from duel.hub import load_tokenizer, model_info, versions
 from duel.io import atomic_dir, read_json, write_json
@@ -37,6 +45,7 @@ from duel.training import (
     ReviewDataset,
     fine_tune,
     finetune_metrics,
+    last_checkpoint,
     micro_batch_tokens,
     resumable_checkpoint,
     run_description,
@@ -49,6 +58,15 @@ def main() -> None:
     key = sys.argv[1]
     params = load_params()
     execution = params.execution
+    if not parallel.under_torchrun():  # free GPUs claimed, or ranks > 1: the same command in children that use them
+        processes = parallel.data_parallel_processes(execution, params.train.batch_size, parallel.visible_gpus())
+        claimed = parallel.claim_gpus(processes, f"finetune {key}")
+        if processes > 1:
+            print(f"finetune {key}: {processes} data-parallel processes under torchrun")
+        if claimed or processes > 1:
+            sys.exit(parallel.relaunch("stages.finetune", processes))
+    parallel.init_distributed(execution.micro_batch, params.train.batch_size)
+    main_process = parallel.is_main_process()  # rank 0 writes the checkpoints' fingerprint, series and outputs
     set_seed(params.seeds.train)
     base, tokens = Path("models/base") / key, Path("data/tokenized") / key
     checkpoints, adapter_dir = Path("checkpoints") / key, Path("models/adapters") / key
@@ -76,12 +94,21 @@ def main() -> None:
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])
-    last, start_step = resumable_checkpoint(checkpoints, fingerprint)
+    last, start_step = resumable_checkpoint(checkpoints, fingerprint) if main_process else (None, 0)
+    parallel.barrier()
+    if not main_process:  # the checkpoint rank 0 kept (the Trainer saves each rank's RNG state in it)
+        last, start_step = last_checkpoint(checkpoints)
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
-    live = QuietLive(str(Path("plots") / key), dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
+    live = None
+    if main_process:
+        plots = str(Path("plots") / key)
+        live = QuietLive(plots, dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
     collator = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
     done = fine_tune(model, dataset, lengths, order, params, collator, live, checkpoints, last)
+    if not main_process:
+        parallel.end_distributed()  # waits for rank 0 to write the outputs
+        return
     metrics = finetune_metrics(done, model, params, start_step)
     how = run_description(key, model, params, attention, kernels)
     with atomic_dir(adapter_dir) as tmp:
@@ -90,6 +117,7 @@ def main() -> None:
         write_json(tmp / "training.json", training | {"versions": versions()})
     write_json(f"metrics/finetune_{key}.json", {key: metrics})  # the model's key first: one column name per model
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
+    parallel.end_distributed()
     print(
         f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {done.seconds:.1f} s, "
         f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}, "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from duel import cli
+from duel import cli, parallel
 from duel.io import write_json
 from duel.params import load_params
 from duel.scoring import score_model
@@ -22,6 +22,8 @@ from duel.scoring import score_model
 def main() -> None:
     key = sys.argv[1]
     params = load_params()
+    if parallel.claim_gpus(1, f"zero_shot {key}"):  # a free GPU of the host, unless CUDA_VISIBLE_DEVICES says which
+        sys.exit(parallel.relaunch("stages.zero_shot", 1))  # in a child, where CUDA starts on it
     base, tokens = Path("models/base") / key, Path("data/tokenized") / key
     out = Path("data/predictions") / f"{key}_zero_shot"
     metrics = score_model(params.model(key), params, base, tokens, None, out, f"{key} zero-shot")

@@ -42,27 +42,6 @@ def test_deps_name_every_module_the_stage_imports(name: str) -> None:
     assert code - closure == set(), f"{name} lists {sorted(code - closure)}, which it does not import"
 
 
-def test_import_closure_follows_lazy_and_indirect_imports(tmp_path: Path) -> None:
-    """The closure is the files Python would run: a function's import counts, and so does a module's own imports."""
-    (tmp_path / "stages").mkdir()
-    (tmp_path / "duel").mkdir()
-    (tmp_path / "stages" / "__init__.py").write_text("")
-    (tmp_path / "duel" / "__init__.py").write_text("")
-    (tmp_path / "stages" / "x.py").write_text("from duel import a\n\ndef main():\n    import duel.b\n")
-    (tmp_path / "duel" / "a.py").write_text("import os\nfrom duel.c import thing\n")
-    (tmp_path / "duel" / "b.py").write_text("")
-    (tmp_path / "duel" / "c.py").write_text("thing = 1\n")
-    (tmp_path / "duel" / "unused.py").write_text("")
-    assert import_closure("stages.x", tmp_path) == {
-        "stages/__init__.py",
-        "stages/x.py",
-        "duel/__init__.py",
-        "duel/a.py",
-        "duel/b.py",
-        "duel/c.py",
-    }
-
-
 OPEN = re.compile(
     r'^\d+\s+open(?:at)?\((?:AT_FDCWD, )?"(?P<path>[^"]+)", (?P<flags>[A-Z_|]+)[^)]*\)\s+=\s+(?P<fd>-?\d+)'
 )

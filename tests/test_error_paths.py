@@ -131,6 +131,9 @@ CASES = {
     "lora-r": Case("out of range", 0, ("download",), {"lora.r": 0}),
     "learning-rate": Case("out of range", 1, ("download",), {"train.learning_rate": -2e-5}),
     "micro-batch": Case("out of range", 2, ("download",), {"execution.micro_batch": 3}),
+    "data-parallel": Case(
+        "a step that does not split over the processes", 0, ("download",), {"execution.data_parallel": 2}
+    ),
     "seed": Case("seed out of range", 0, ("download",), {"seeds.data": -1}),
     "subset": Case("subset larger than the data", 0, ("download",), {"data.train_size": 30000}),
     "no-source": Case("data source missing / wrong", 0, ("download",), {"data.source": "/no/such/imdb"}),

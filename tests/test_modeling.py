@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,9 +135,9 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     assert resolved("auto") == 0  # tiny model, big GPU: none
     assert resolved("auto", budget=1e-6) == 2  # no room at all: every layer
-    # Where only some layers need it, auto checkpoints those (the first ones).
-    monkeypatch.setattr(checkpointing, "layers_to_checkpoint", lambda *args: 1)
-    assert resolved("auto", budget=1.0) == 1
+    # Between no room and room enough, auto checkpoints some of the layers: fewer the larger the budget.
+    counts = [resolved("auto", budget=float(b)) for b in np.geomspace(1e-5, 1.0, 200)]
+    assert counts == sorted(counts, reverse=True) and set(counts) == {2, 1, 0}
     monkeypatch.undo()
     monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)

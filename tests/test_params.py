@@ -65,6 +65,9 @@ def test_int_accepted_where_float_expected(raw_params):
         ("train.learning_rate", -1e-5, "train.learning_rate"),
         ("execution.micro_batch", 0, "execution.micro_batch"),
         ("execution.micro_batch", 3, "execution.micro_batch"),  # does not divide batch_size 16
+        ("execution.data_parallel", 0, "execution.data_parallel"),
+        ("execution.data_parallel", "all", "execution.data_parallel"),
+        ("execution.data_parallel", 2, "execution.data_parallel"),  # micro_batch 16 x 2 does not divide 16
         ("execution.memory_budget_gib", -4, "execution.memory_budget_gib"),
         ("execution.eval_batch_size", 0, "execution.eval_batch_size"),
         ("execution.pack_tokens", 256, "execution.pack_tokens"),  # shorter than data.max_length 512
@@ -141,6 +144,7 @@ def test_paper_profile_changes_execution_only(raw_params):
     args = s_args(set_param_args(REPO / "profiles" / "paper.yaml", raw_params))
     assert {k: yaml.safe_load(v) for k, v in args.items()} == {
         "execution.micro_batch": 1,
+        "execution.data_parallel": 1,
         "execution.precision": "fp16",
         "execution.padding": "max_length",
         "execution.gradient_checkpointing": True,

@@ -33,20 +33,6 @@ def keys(data: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def test_scanner_finds_a_planted_token(tmp_path: Path, hub_token: str) -> None:
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    (tmp_path / "a" / "b" / "x.json").write_text(json.dumps({"env": {"HF_TOKEN": hub_token}}))
-    (tmp_path / "clean.txt").write_text("nothing here")
-    assert files_holding(tmp_path, hub_token.encode()) == ["a/b/x.json"]
-    assert keys({"env": {"hf_token": 1, "tokens_per_s": 2}, "x": [{"api_key": 3}]}) == [
-        "env",
-        "env.hf_token",
-        "env.tokens_per_s",
-        "x",
-        "x.api_key",
-    ]
-
-
 def test_token_in_no_output_and_no_log(token_run: StageRun, hub_token: str) -> None:
     repo = token_run.repo
     written = {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()}
@@ -63,6 +49,7 @@ def test_token_in_no_output_and_no_log(token_run: StageRun, hub_token: str) -> N
         "reports/report.md",
     ):
         assert expected in written, f"{expected} was not written: the scan would miss it"
+    assert "params.yaml" in files_holding(repo, b"learning_rate")  # the scan reads what the stages wrote
     assert files_holding(repo, hub_token.encode()) == []
     assert hub_token not in token_run.log
     for name in sorted(written):
