@@ -25,7 +25,7 @@ demo: setup shared
 	@dvc exp remove -q demo 2>/dev/null || true
 	$(OFFLINE) $(PY) -m duel.profile profiles/demo.yaml -S data.source=$(abspath $(SHARED))/data/imdb
 	@grep -h '^> \*\*Warning' reports/report.md | sed 's/^> //; s/\*\*//g' || true
-	@sed -n '/^## Quality/,/^## What/p' reports/report.md | grep '^|'
+	@sed -n '/^## Quality/,/^## The paper/p' reports/report.md | grep '^|'
 	@echo "demo: report in reports/report.md, metrics in metrics/; 'make compare' sets experiments side by side," \
 	      "'dvc plots show' draws the curves; 'git checkout params.yaml' returns to the paper's params"
 
