@@ -87,6 +87,20 @@ def relaunch(module: str, processes: int) -> int:
     return subprocess.run([*command, "-m", module, *sys.argv[1:]]).returncode
 
 
+def launch(stage: str, key: str, execution: ExecutionParams, batch_size: int) -> None:
+    """A fine-tune started without torchrun: claim free GPUs and, when it claimed some or needs several ranks, run
+    `python -m stages.<stage>` again in children (torchrun ranks, or one child on the claimed GPU) and exit with
+    their status. Nothing under torchrun, nor for one process on the GPU this one already has."""
+    if under_torchrun():
+        return
+    processes = data_parallel_processes(execution, batch_size, visible_gpus())
+    claimed = claim_gpus(processes, f"{stage} {key}")
+    if processes > 1:
+        print(f"{stage} {key}: {processes} data-parallel processes under torchrun", flush=True)
+    if claimed or processes > 1:
+        sys.exit(relaunch(f"stages.{stage}", processes))
+
+
 def init_distributed(micro_batch: int, batch_size: int) -> None:
     """In a torchrun rank: check that the world splits a step, pin the rank's GPU and join the process group (NCCL
     on GPUs, gloo on CPUs), which the Trainer's accelerate then uses. Nothing without torchrun."""

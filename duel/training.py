@@ -29,7 +29,7 @@ from duel import profiling
 from duel.checkpointing import checkpointed_layers, decoder_layers, switch_on_checkpointing
 from duel.errors import TrainingError
 from duel.modeling import quantization_name
-from duel.parallel import world_size
+from duel.parallel import barrier, world_size
 from duel.params import Params
 from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory
 
@@ -543,6 +543,15 @@ def training_fingerprint(params: Params, key: str, files: list[Path]) -> str:
     for path in files:
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def resume_point(folder: Path, fingerprint: str, main_process: bool) -> tuple[Path | None, int]:
+    """Where this run starts: rank 0 (or the only process) keeps a resumable checkpoint of these params
+    (resumable_checkpoint); the other ranks, once it has decided, take the checkpoint it kept (the Trainer saves
+    each rank's RNG state in it)."""
+    last, step = resumable_checkpoint(folder, fingerprint) if main_process else (None, 0)
+    barrier()
+    return (last, step) if main_process else last_checkpoint(folder)
 
 
 def resumable_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, int]:

@@ -45,9 +45,8 @@ from duel.training import (
     ReviewDataset,
     fine_tune,
     finetune_metrics,
-    last_checkpoint,
     micro_batch_tokens,
-    resumable_checkpoint,
+    resume_point,
     run_description,
     training_fingerprint,
     training_order,
@@ -58,13 +57,7 @@ def main() -> None:
     key = sys.argv[1]
     params = load_params()
     execution = params.execution
-    if not parallel.under_torchrun():  # free GPUs claimed, or ranks > 1: the same command in children that use them
-        processes = parallel.data_parallel_processes(execution, params.train.batch_size, parallel.visible_gpus())
-        claimed = parallel.claim_gpus(processes, f"finetune {key}")
-        if processes > 1:
-            print(f"finetune {key}: {processes} data-parallel processes under torchrun")
-        if claimed or processes > 1:
-            sys.exit(parallel.relaunch("stages.finetune", processes))
+    parallel.launch("finetune", key, execution, params.train.batch_size)  # free GPUs claimed, or ranks > 1: children
     parallel.init_distributed(execution.micro_batch, params.train.batch_size)
     main_process = parallel.is_main_process()  # rank 0 writes the checkpoints' fingerprint, series and outputs
     set_seed(params.seeds.train)
@@ -94,10 +87,7 @@ def main() -> None:
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])
-    last, start_step = resumable_checkpoint(checkpoints, fingerprint) if main_process else (None, 0)
-    parallel.barrier()
-    if not main_process:  # the checkpoint rank 0 kept (the Trainer saves each rank's RNG state in it)
-        last, start_step = last_checkpoint(checkpoints)
+    last, start_step = resume_point(checkpoints, fingerprint, main_process)
     if last:
         print(f"finetune {key}: resuming from {last} (step {start_step})")
     live = None
