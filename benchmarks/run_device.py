@@ -8,6 +8,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--baseline-last] [--no-default] [--test-size N]
                                                     [--compiled] [--sweep N]
     python3 benchmarks/run_device.py llama --ablation 3
+    python3 benchmarks/run_device.py llama deepseek --together 60
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
@@ -17,6 +18,10 @@ is then the one scored); --test-size N scores N test reviews; --profile-step pro
 stage's own run (duel/profiling.py, into $OUT/profile-<key>/); --sweep N runs N steps of the finetune stage per
 execution variant of SWEEP; --compiled repeats the default and budget fine-tunes with execution.compile (each stage
 process compiles cold).
+
+--together N measures one GPU shared by the duel's two fine-tunes: both baselines, then N steps of the default
+recipe for each model alone, one after the other, then the same two fine-tunes started at the same time (as two
+workers of `dvc queue start -j 2` run them on a one-GPU host); no scoring.
 
 --ablation N re-measures the paper's Table 3 instead: per model, both baselines (micro-batch 16, and the paper's
 1 x 16), then N steps of the paper's recipe (profiles/paper.yaml) and of that recipe with one technique changed
@@ -40,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +72,12 @@ def emit(kind: str, model: str, tag: str, data: Any) -> None:
 
 
 def write_params(key: str, profiles: list[Path], **sections: dict[str, Any]) -> None:
+    """params.yaml: the project's params with the profiles laid over them, the sections' values over those, and the
+    models in `key` only (comma-separated keys for several)."""
     merged = yaml.safe_load(Path("params.base.yaml").read_text())
     for profile in profiles:
         merged = overlay(merged, yaml.safe_load(profile.read_text()))
-    merged["models"] = {key: merged["models"][key]}
+    merged["models"] = {k: merged["models"][k] for k in key.split(",")}
     for section, values in sections.items():
         merged[section] |= values
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
@@ -130,10 +138,12 @@ def evaluate_result(key: str) -> dict[str, Any]:
     return {key: {"finetuned": read_json("metrics/evaluate.json")[key]}}
 
 
-def finetune(key: str, tag: str) -> None:
+def finetune(key: str, tag: str) -> float:
+    """The finetune stage of one model, its result emitted when it ends well; the stage process's seconds."""
     code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}")
     if code == 0:
         emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds})
+    return seconds
 
 
 def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argparse.Namespace) -> None:
@@ -146,6 +156,29 @@ def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argpa
 
 
 COMPILED = {"compile": True, "kernels": "none"}  # inductor fuses RMSNorm, RoPE and SwiGLU itself
+
+
+def together(keys: list[str], profiles: list[Path], steps: int) -> None:
+    """One GPU, the duel's fine-tunes (N steps each): each alone, one after the other, then all at the same time,
+    each process seeing the whole GPU. A `pair` result per way: the processes' wall time from the first start to the
+    last end, and the reviews they trained."""
+    for key in keys:
+        baseline(key, 16, 1, 4)
+    data = {"train_size": 16 * steps, "test_size": 64}
+    write_params(",".join(keys), profiles, data=data, train={"steps": steps})
+    stage("download", tag="download")
+    for key in keys:
+        stage("base", key, tag=f"base_{key}")
+    stage("tokenize", tag="tokenize")
+    reviews = 16 * steps * len(keys)
+    in_turn = sum(finetune(key, "alone") for key in keys)
+    emit("pair", "+".join(keys), "in-turn", {"wall_s": round(in_turn, 1), "reviews": reviews, "steps": steps})
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(keys)) as pool:
+        list(pool.map(lambda key: finetune(key, "together"), keys))
+    wall = time.perf_counter() - start
+    emit("pair", "+".join(keys), "together", {"wall_s": round(wall, 1), "reviews": reviews, "steps": steps})
+
 
 # The paper's Table 3: its recipe, then with one technique switched (params sections laid over profiles/paper.yaml).
 ABLATION: dict[str, dict[str, dict[str, Any]]] = {
@@ -213,6 +246,7 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
     parser.add_argument("--sweep", type=int, default=0, help="N steps of the finetune stage per SWEEP variant")
     parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
+    parser.add_argument("--together", type=int, default=0, help="N steps per model: alone, then both at once")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -222,6 +256,9 @@ def main() -> None:
     if not Path("params.base.yaml").exists():
         Path("params.base.yaml").write_text(Path("params.yaml").read_text())
     profiles = [args.profile]
+    if args.together:
+        together(args.keys, profiles, args.together)
+        return
 
     data = {"test_size": args.test_size} if args.test_size else {}
 
