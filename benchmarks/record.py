@@ -50,10 +50,13 @@ class Record:
     run: str  # <date>-<gpu>-call<NN>: the call's folder under benchmarks/raw
     date: str
     gpu: str  # as nvidia-smi names it
-    stage: str  # finetune | evaluate | sweep | duel (download, tokenize, finetune, evaluate back to back)
+    # finetune | evaluate | sweep | duel (download, tokenize, finetune, evaluate back to back) | pair (the models'
+    # finetune stages on one GPU, as one measurement: model is "llama+deepseek")
+    stage: str
     model: str
-    # finetune: the runner's tag (default, budget, oom, paper, compiled, ...) or baseline-mb<M>x<A>;
-    # evaluate: default | zero-shot; sweep: <kernels>/<variant>; duel: default
+    # finetune: the runner's tag (default, budget, oom, paper, compiled, alone, together, ...) or
+    # baseline-mb<M>x<A>; evaluate: default | zero-shot; sweep: <kernels>/<variant>; duel: default;
+    # pair: in-turn (one after the other) | together (at the same time)
     recipe: str
     versions: dict[str, str]
     argv: str | None = None  # run_device.py's arguments for the call
@@ -69,7 +72,7 @@ class Record:
     steps: int | None = None
     test_reviews: int | None = None  # evaluate and duel: the test reviews scored
     # finetune: all steps, the first (warm-up) one included; evaluate: the scoring; duel: the stages' sum;
-    # baseline and sweep rows: seconds per optimizer step
+    # baseline and sweep rows: seconds per optimizer step; pair: from the first stage's start to the last one's end
     wall_s: float | None = None
     reviews_per_s: float | None = None
     tokens_per_s: float | None = None  # real tokens, padding excluded
@@ -147,6 +150,19 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
     return Record(stage="finetune" if kind == "baseline" else kind, **call, **fields)
 
 
+def pair_record(tag: str, data: dict[str, Any], members: list[dict[str, Any]], call: dict[str, Any]) -> Record:
+    """The models' finetune stages on one GPU as one measurement (`members`: their results): all reviews trained
+    over the wall time of the stage processes (start-up and loading included), the GPU's utilization as the members
+    saw it (NVML's is the device's) weighted by their training time, the device's memory peak."""
+    seconds = [m["train_time_s"] for m in members]
+    util = sum(m["gpu_util_mean_pct"] * s for m, s in zip(members, seconds, strict=True)) / sum(seconds)
+    fields = {"recipe": tag, "steps": data["steps"], "wall_s": data["wall_s"], "gpu_util_pct": round(util, 1)}
+    fields |= {"reviews_per_s": round(data["reviews"] / data["wall_s"], 3)}
+    fields |= {"nvml_peak_gib": max(m["nvml_peak_gib"] for m in members)}
+    fields |= {"oom_retries": sum(m["oom_retries"] for m in members)}
+    return Record(stage="pair", **call, **fields)
+
+
 def logged_stages(log: str, model: str) -> dict[str, float]:
     """Seconds of each of the model's stage processes that ended well, from log.txt's `==== <tag>: exit 0 in S s`;
     the model's key leaves the tag (finetune_llama_default -> finetune_default)."""
@@ -175,6 +191,7 @@ def read_call(folder: Path) -> list[Record]:
         "argv": next((" ".join(r["data"]["argv"]) for r in lines if r["kind"] == "call"), None),
     }
     records = []
+    tuned = {(r["model"], r["tag"]): r["data"] for r in lines if r["kind"] == "finetune"}
     for model in dict.fromkeys(r["model"] for r in lines if r["kind"] not in ("call", "gpu_tests")):
         mine = [r for r in lines if r["model"] == model]
         call = shared | {"model": model, "stages_s": logged_stages(logs, model) or None}
@@ -188,6 +205,9 @@ def read_call(folder: Path) -> list[Record]:
             elif kind == "evaluate":
                 records += [build_record(kind, v, m, call, baseline) for v, m in data[model].items()]
                 test_reviews = data[model]["finetuned"]["reviews"]
+            elif kind == "pair":  # its members: each model's finetune result of that way
+                way = "alone" if tag == "in-turn" else "together"
+                records.append(pair_record(tag, data, [tuned[m, way] for m in model.split("+")], call))
             elif kind == "timings" and "finetune" in data:  # without the default fine-tune it is no duel
                 duel = data | {"steps": steps, "test_reviews": test_reviews}
                 records.append(build_record("duel", tag, duel, call, baseline))
@@ -282,9 +302,31 @@ FINETUNE_COLUMNS = [
 
 def finetunes(records: list[Record]) -> str:
     """The project's fine-tunes of every call, with what each ran and its ratio to its own call's baseline."""
-    runs = [r for r in records if r.stage == "finetune" and not r.recipe.startswith(("baseline", "ablation"))]
+    mine = [r for r in records if r.stage == "finetune" and r.recipe not in SHARED_GPU]
+    runs = [r for r in mine if not r.recipe.startswith(("baseline", "ablation"))]
     rows = [dataclasses.asdict(r) for r in sorted(runs, key=lambda r: (r.model, r.recipe, r.order))]
     return table(rows, FINETUNE_COLUMNS)
+
+
+SHARED_GPU = ("in-turn", "together", "alone")
+SHARED_GPU_COLUMNS = [
+    *("run", "stage", "model", "recipe", "steps", "wall_s", "reviews_per_s", "ratio_vs_baseline", "gpu_util_pct"),
+    *("nvml_peak_gib", "oom_retries", "note"),
+]
+
+
+def shared_gpu(records: list[Record]) -> str:
+    """The duel's fine-tunes on one GPU, one after the other and at the same time: each way's pair record (together:
+    with the ratio of the in-turn wall time to its own), then its members."""
+    rows = []
+    for pair in sorted((r for r in records if r.stage == "pair"), key=lambda r: (r.order, r.recipe)):
+        in_turn = next(r for r in records if (r.run, r.stage, r.recipe) == (pair.run, "pair", "in-turn"))
+        speedup = f"{in_turn.wall_s / pair.wall_s:.2f}x the speed of in-turn" if pair is not in_turn else ""
+        rows.append(dataclasses.asdict(pair) | {"note": speedup})
+        way = "alone" if pair.recipe == "in-turn" else "together"
+        members = [r for r in records if (r.run, r.stage, r.recipe) == (pair.run, "finetune", way)]
+        rows += [dataclasses.asdict(r) | {"wall_s": r.stages_s.get(f"finetune_{way}")} for r in members]
+    return table(rows, SHARED_GPU_COLUMNS)
 
 
 def sweeps(records: list[Record]) -> str:
@@ -304,7 +346,8 @@ def ablation(records: list[Record]) -> str:
 
 def render_readme(records: list[Record]) -> str:
     text = (BENCH / "README.template.md").read_text()
-    for name, filled in (("targets", targets), ("finetunes", finetunes), ("sweeps", sweeps), ("ablation", ablation)):
+    sections = {"targets": targets, "finetunes": finetunes, "sweeps": sweeps, "shared_gpu": shared_gpu}
+    for name, filled in (sections | {"ablation": ablation}).items():
         text = text.replace("{{" + name + "}}", filled(records))
     return text
 

@@ -248,3 +248,46 @@ def test_committed_readme_is_rendered_from_committed_records(tmp_path: Path) -> 
     assert (bench / "README.md").read_text() == (REPO / "benchmarks" / "README.md").read_text()
     runs = {r["run"] for r in read_records(bench)}
     assert runs == {p.name for p in (REPO / "benchmarks" / "raw").iterdir()}  # every record from a raw folder
+
+
+def test_two_finetunes_sharing_one_gpu(tmp_path: Path) -> None:
+    """run_device.py --together: each model's 50 steps alone, then both at once; a pair record per way."""
+    bench = bench_copy(tmp_path)
+    folder = bench / "raw" / "2026-12-02-h200-call01"
+    folder.mkdir()
+    (folder / "gpu.csv").write_text("name, driver_version, memory.total [MiB]\nNVIDIA H200, 580.0, 143771 MiB\n")
+    (folder / "versions.json").write_text(json.dumps(VERSIONS))
+    baseline = {"quant": "nf4-dq", "micro_batch": 16, "accum": 1, "grad_ckpt": True, "seq": 512, "step_s": 1.6}
+    baseline |= {"tokens_per_s": 5120.0, "peak_reserved_gib": 15.9}
+    lines = [("call", "llama,deepseek", "argv", {"argv": ["llama", "deepseek", "--together", "50"]})]
+    lines += [("baseline", m, "mb16x1", baseline) for m in ("llama", "deepseek")]
+    alone = {"llama": (30.0, 60.0), "deepseek": (40.0, 70.0)}  # reviews/s, GPU utilization
+    lines += [
+        ("finetune", m, "alone", finetune(m, s, 50, None, 0) | {"gpu_util_mean_pct": u}) for m, (s, u) in alone.items()
+    ]
+    lines.append(("pair", "llama+deepseek", "in-turn", {"wall_s": 96.0, "reviews": 1600, "steps": 50}))
+    lines += [("finetune", m, "together", finetune(m, 20.0, 50, None, 0) | {"gpu_util_mean_pct": 95.0}) for m in alone]
+    lines.append(("pair", "llama+deepseek", "together", {"wall_s": 64.0, "reviews": 1600, "steps": 50}))
+    results = [{"kind": k, "model": m, "tag": t, "data": d} for k, m, t, d in lines]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    log = "".join(f"==== finetune_{m}_{way}: exit 0 in 45.0 s\n" for way in ("alone", "together") for m in alone)
+    (folder / "log.txt").write_text(log)
+    done = run_record(bench, folder)
+    assert done.returncode == 0, done.stderr
+
+    pairs = {r["recipe"]: r for r in read_records(bench) if r["stage"] == "pair"}
+    assert pairs["in-turn"]["model"] == "llama+deepseek" and pairs["in-turn"]["reviews_per_s"] == round(1600 / 96, 3)
+    # utilization weighted by training time: llama trained 800 reviews in 26.67 s at 60%, deepseek in 20 s at 70%
+    assert pairs["in-turn"]["gpu_util_pct"] == round((60 * 800 / 30 + 70 * 800 / 40) / (800 / 30 + 800 / 40), 1)
+    assert pairs["together"]["gpu_util_pct"] == 95.0 and pairs["together"]["wall_s"] == 64.0
+    readme = (bench / "README.md").read_text()
+    rows = [cells(line) for line in readme.splitlines() if line.startswith("| 2026-12-02-h200-call01 |")]
+    assert [(row[1], row[2], row[3], row[-1]) for row in rows] == [
+        ("pair", "llama+deepseek", "in-turn", ""),
+        ("finetune", "llama", "alone", ""),
+        ("finetune", "deepseek", "alone", ""),
+        ("pair", "llama+deepseek", "together", "1.50x the speed of in-turn"),
+        ("finetune", "llama", "together", ""),
+        ("finetune", "deepseek", "together", ""),
+    ]
+    assert not any("| together |" in line and "| varlen " in line for line in readme.splitlines())  # not a lever
