@@ -32,8 +32,6 @@ STAGE_LOG = re.compile(r"^==== (\S+): exit 0 in ([\d.]+) s$", re.MULTILINE)  # r
 # checkpointing (a second forward). N = total parameters; attention FLOPs are left out.
 PEAK_FLOPS = 790e12
 MAX_LENGTH = 512  # data.max_length; the fine-tune metrics do not record it
-SWEEP_STEPS = 4  # the steps of a `sweep` result: a variant timed outside the Trainer, as the earlier calls ran it
-REVIEWS_PER_STEP = 16  # the default recipe's optimizer step: micro-batch x accumulation
 # The targets: fine-tune reviews/s over the same call's baseline; evaluate reviews/s; the paper-scale duel.
 TARGET_RATIO = {"default": 3.0, "budget": 2.0}
 TARGET_BUDGET_GIB = 16.0
@@ -114,16 +112,16 @@ RENAMED = {
 def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any], baseline: float | None) -> Record:
     """One result of the runner -> one record: what it reports under the records' names, what its kind implies,
     what every record of the model in the call shares (`call`), and the ratio to `baseline` (the call's best nf4-dq
-    baseline reviews/s for the model) of a fine-tune or sweep."""
+    baseline reviews/s for the model) of a fine-tune."""
     named = {RENAMED.get(key, key): value for key, value in data.items()}
     fields = {key: value for key, value in named.items() if key in FIELDS and key not in call}
     if kind == "baseline":  # random tokens, `seq` to a review, no padding: reviews/s = tokens/s / seq
+        fields |= {"recipe": f"baseline-mb{data['micro_batch']}x{data['accum']}", "kernels": "none"}
         fields |= {
-            "recipe": f"baseline-mb{data['micro_batch']}x{data['accum']}",
-            "kernels": "none",
             "attention": "sdpa",
+            "quantization": "none" if data["quant"] == "bf16" else data["quant"],
+            "padding_share": 0.0,
         }
-        fields |= {"quantization": "none" if data["quant"] == "bf16" else data["quant"], "padding_share": 0.0}
         fields["reviews_per_s"] = round(data["tokens_per_s"] / data["seq"], 3)
     elif kind == "finetune":
         flops_per_token = (6 if data["gradient_checkpointing"] else 4) * data["total_parameters"]
@@ -131,18 +129,11 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         fields["mfu"] = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)
     elif kind == "evaluate":  # one variant's metrics; tag: finetuned | zero_shot
         fields |= {"recipe": "default" if tag == "finetuned" else "zero-shot"}
-    elif kind == "sweep":  # a few steps of the default recipe's setup with one execution choice changed
-        fields |= {"recipe": tag, "quantization": "nf4-dq", "steps": SWEEP_STEPS, "note": data.get("error", "")}
-        if "error" not in data:  # the variant ran
-            fields |= {"gradient_checkpointing": data["checkpointed_layers"] > 0}
-            fields |= {"grad_accum": REVIEWS_PER_STEP // data["micro_batch"]}
-        if "compile_s" in data:
-            fields["note"] = f"compiled in {data['compile_s']} s, not in wall_s"
     elif kind == "duel":  # the runner's timings, with the steps and test reviews of the call's default and evaluate
         fields |= {"recipe": "default", "wall_s": round(data["duel_wall_s"], 1)}
     else:
-        raise ValueError(f"result kind {kind!r}: baseline, finetune, evaluate, sweep or duel")
-    if kind in ("finetune", "sweep") and baseline and fields.get("reviews_per_s"):
+        raise ValueError(f"result kind {kind!r}: baseline, finetune, evaluate, pair or duel")
+    if kind == "finetune" and baseline and fields.get("reviews_per_s"):
         fields |= {
             "baseline_reviews_per_s": baseline,
             "ratio_vs_baseline": round(fields["reviews_per_s"] / baseline, 3),
@@ -199,7 +190,7 @@ def read_call(folder: Path) -> list[Record]:
         baseline = max((round(b["tokens_per_s"] / b["seq"], 3) for b in quantized), default=None)
         steps = test_reviews = None
         for kind, tag, data in ((r["kind"], r["tag"], r["data"]) for r in mine):
-            if kind in ("baseline", "finetune", "sweep"):
+            if kind in ("baseline", "finetune"):
                 records.append(build_record(kind, tag, data, call, baseline))
                 steps = data["steps"] if (kind, tag) == ("finetune", "default") else steps
             elif kind == "evaluate":
@@ -255,7 +246,10 @@ def target_row(target: str, model: str, r: Record | None, met: bool, figure: str
 def targets(records: list[Record]) -> str:
     """Each target per model against the newest call that measured it; the duel against the newest call in which
     every model ran it at paper scale."""
-    models = sorted({r.model for r in records})
+    models = sorted({r.model for r in records if r.stage != "pair"})
+    default_target = f"default fine-tune, {PAPER_STEPS} steps: ≥ {TARGET_RATIO['default']:g}x the baseline's reviews/s"
+    budget_target = f"{TARGET_BUDGET_GIB:g} GiB budget: ≥ {TARGET_RATIO['budget']:g}x the baseline's, no OOM"
+    evaluate_target = f"evaluate: ≥ {TARGET_EVAL_REVIEWS_PER_S:g} reviews/s"
     rows = []
     for model in models:
         tuned = [r for r in records if r.model == model and r.stage == "finetune" and r.ratio_vs_baseline]
@@ -263,25 +257,13 @@ def targets(records: list[Record]) -> str:
         budget = newest([r for r in tuned if r.recipe == "budget" and r.memory_budget_gib == TARGET_BUDGET_GIB])
         scored = [r for r in records if r.model == model and r.stage == "evaluate" and r.recipe == "default"]
         evaluate = newest([r for r in scored if r.test_reviews >= JUDGED_EVAL_REVIEWS])
+        default_met = default and default.ratio_vs_baseline >= TARGET_RATIO["default"]
+        budget_met = budget and budget.ratio_vs_baseline >= TARGET_RATIO["budget"] and budget.oom_retries == 0
+        evaluate_met = evaluate and evaluate.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S
         rows += [
-            target_row(
-                f"default fine-tune, {PAPER_STEPS} steps: ≥ {TARGET_RATIO['default']:g}x the baseline's reviews/s",
-                model,
-                default,
-                default and default.ratio_vs_baseline >= TARGET_RATIO["default"],
-            ),
-            target_row(
-                f"{TARGET_BUDGET_GIB:g} GiB budget: ≥ {TARGET_RATIO['budget']:g}x the baseline's, no OOM",
-                model,
-                budget,
-                budget and budget.ratio_vs_baseline >= TARGET_RATIO["budget"] and budget.oom_retries == 0,
-            ),
-            target_row(
-                f"evaluate: ≥ {TARGET_EVAL_REVIEWS_PER_S:g} reviews/s",
-                model,
-                evaluate,
-                evaluate and evaluate.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S,
-            ),
+            target_row(default_target, model, default, default_met),
+            target_row(budget_target, model, budget, budget_met),
+            target_row(evaluate_target, model, evaluate, evaluate_met),
         ]
     duels = [r for r in records if r.stage == "duel" and (r.steps, r.test_reviews) == (PAPER_STEPS, PAPER_TEST_REVIEWS)]
     last = newest([r for r in duels if {d.model for d in duels if d.run == r.run} == set(models)])

@@ -69,8 +69,8 @@ def finetune(model: str, reviews_per_s: float, steps: int, budget_gib: float | N
 
 
 def model_results(model: str, speeds: dict[str, float], test_reviews: int, budget_oom_retries: int = 0) -> list[dict]:
-    """One model's lines of results.jsonl: baseline, the 200-step default, evaluate, the runner's timings, the 16 GiB
-    budget run and two sweep variants; `speeds` gives baseline tokens/s and the others' reviews/s."""
+    """One model's lines of results.jsonl: baseline, the 200-step default, evaluate, the runner's timings and the 16
+    GiB budget run; `speeds` gives baseline tokens/s and the others' reviews/s."""
     baseline = {"quant": "nf4-dq", "micro_batch": 16, "accum": 1, "grad_ckpt": True, "seq": 512, "step_s": 1.6}
     baseline |= {"tokens_per_s": speeds["baseline_tokens_per_s"], "peak_reserved_gib": 15.9, "call_s": 50.0}
     scored = {"reviews": test_reviews, "eval_time_s": round(test_reviews / speeds["evaluate"], 2)}
@@ -78,16 +78,12 @@ def model_results(model: str, speeds: dict[str, float], test_reviews: int, budge
     scored |= {"energy_j": 5000.0, "peak_vram_reserved_gib": 21.0, "kernels": "liger", "accuracy": 0.5}
     timings = {"download": 30.0, "tokenize": 20.0, "finetune": speeds["finetune_s"], "evaluate": speeds["evaluate_s"]}
     timings["duel_wall_s"] = sum(timings.values())
-    sweep = {"kernels": "liger", "attention": "varlen", "row_tokens": 2048, "micro_batch": 16, "layers": 32}
-    sweep |= {"checkpointed_layers": 0, "s_per_step": 0.5, "tokens_per_s": 9000.0, "peak_reserved_gib": 46.0}
     lines = [
         ("baseline", "mb16x1", baseline),
         ("finetune", "default", finetune(model, speeds["default"], 200, None, 0)),
         ("evaluate", "default", {model: {"finetuned": scored}}),
         ("timings", "duel", timings),
         ("finetune", "budget", finetune(model, speeds["budget"], 50, 16.0, budget_oom_retries)),
-        ("sweep", "liger/default", sweep | {"variant": "default", "reviews_per_s": speeds["sweep_default"]}),
-        ("sweep", "liger/mb8", sweep | {"variant": "mb8", "micro_batch": 8, "reviews_per_s": speeds["sweep_mb8"]}),
         ("gpu_tests", "pytest", {"exit": 0, "summary": ["8 passed"]}),
     ]
     return [{"kind": kind, "model": model, "tag": tag, "data": data} for kind, tag, data in lines]
@@ -119,9 +115,9 @@ def write_call(folder: Path, results: dict[str, list[dict]]) -> Path:
 
 # llama meets every target; deepseek's default is 2.5x and its budget run backed off once from an OOM.
 LLAMA = {"baseline_tokens_per_s": 5120.0, "default": 31.0, "budget": 25.0, "evaluate": 140.0}
-LLAMA |= {"finetune_s": 120.0, "evaluate_s": 200.0, "sweep_default": 33.0, "sweep_mb8": 16.5}
+LLAMA |= {"finetune_s": 120.0, "evaluate_s": 200.0}
 DEEPSEEK = {"baseline_tokens_per_s": 5120.0, "default": 25.0, "budget": 22.0, "evaluate": 90.0}
-DEEPSEEK |= {"finetune_s": 130.0, "evaluate_s": 300.0, "sweep_default": 30.0, "sweep_mb8": 20.0}
+DEEPSEEK |= {"finetune_s": 130.0, "evaluate_s": 300.0}
 
 
 def cells(line: str) -> list[str]:
@@ -146,7 +142,7 @@ def test_records_and_readme(tmp_path: Path) -> None:
     records = read_records(bench)
     kinds = sorted((r["model"], r["stage"], r["recipe"]) for r in records)
     per_model = [("duel", "default"), ("evaluate", "default"), ("finetune", "baseline-mb16x1")]
-    per_model += [("finetune", "budget"), ("finetune", "default"), ("sweep", "liger/default"), ("sweep", "liger/mb8")]
+    per_model += [("finetune", "budget"), ("finetune", "default")]
     assert kinds == sorted((model, *kind) for model in ("llama", "deepseek") for kind in per_model)
     assert {(r["run"], r["date"], r["gpu"]) for r in records} == {
         ("2026-12-01-h200-call01", "2026-12-01", "NVIDIA H200")
@@ -154,7 +150,7 @@ def test_records_and_readme(tmp_path: Path) -> None:
     assert all(r["versions"] == VERSIONS and r["argv"] == "llama deepseek --parallel --budget-gib 16" for r in records)
     baseline = 5120.0 / 512
     for r in records:
-        if r["stage"] in ("finetune", "sweep") and not r["recipe"].startswith("baseline"):
+        if r["stage"] == "finetune" and not r["recipe"].startswith("baseline"):
             assert r["baseline_reviews_per_s"] == baseline
             assert r["ratio_vs_baseline"] == round(r["reviews_per_s"] / baseline, 3)
         else:
@@ -178,7 +174,6 @@ def test_records_and_readme(tmp_path: Path) -> None:
         "evaluate": 200.0,
         "finetune_budget": 40.0,
     }
-    assert by_key["llama", "sweep", "liger/mb8"]["grad_accum"] == 2
 
     readme = (bench / "README.md").read_text()
     assert "{{" not in readme
@@ -192,15 +187,9 @@ def test_records_and_readme(tmp_path: Path) -> None:
     assert evaluate_rows["deepseek"][3] == "90.0 reviews/s on 25,000 test reviews"
     duel_row = target_rows(readme, "paper-scale duel")["deepseek + llama"]
     assert duel_row[3:] == ["480.0 + 370.0 = 850.0 s = 14.2 min", "—", "—", "yes"]
-    # the levers table: a row per project fine-tune; the sweeps table: a row per variant, a column per model and call
+    # the levers table: a row per project fine-tune
     lever_rows = [line for line in readme.splitlines() if "| 2026-12-01-h200-call01 |" in line and "| varlen " in line]
     assert len(lever_rows) == 4
-    sweep_rows = [cells(line) for line in readme.splitlines() if line.startswith(("| variant ", "| liger/"))]
-    assert sweep_rows == [
-        ["variant", "deepseek 2026-12-01-h200-call01", "llama 2026-12-01-h200-call01"],
-        ["liger/default", "3", "3.3"],
-        ["liger/mb8", "2", "1.65"],
-    ]
 
 
 def test_newest_call_judges_and_a_rerun_replaces(tmp_path: Path) -> None:
@@ -211,8 +200,8 @@ def test_newest_call_judges_and_a_rerun_replaces(tmp_path: Path) -> None:
     for folders in ((first, second), (second,)):
         assert run_record(bench, *folders).returncode == 0
     records = read_records(bench)
-    assert [r["run"][-6:] for r in records].count("call02") == 7  # the rerun replaced call02's records
-    assert [r["run"][-6:] for r in records].count("call01") == 7
+    assert [r["run"][-6:] for r in records].count("call02") == 5  # the rerun replaced call02's records
+    assert [r["run"][-6:] for r in records].count("call01") == 5
 
     readme = (bench / "README.md").read_text()
     assert target_rows(readme, "default fine-tune")["llama"][2:4] == [
@@ -291,3 +280,4 @@ def test_two_finetunes_sharing_one_gpu(tmp_path: Path) -> None:
         ("finetune", "deepseek", "together", ""),
     ]
     assert not any("| together |" in line and "| varlen " in line for line in readme.splitlines())  # not a lever
+    assert set(target_rows(readme, "evaluate")) == {"llama", "deepseek"}  # a pair is no model of its own
