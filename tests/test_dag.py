@@ -81,7 +81,9 @@ def test_every_file_a_stage_reads_is_declared(tmp_path: Path) -> None:
     undeclared = {}
     for name, stage in stages(repo).items():
         trace = tmp_path / f"{name}.strace"
-        command = ["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(trace), *stage_command_of(stage)]
+        # --seccomp-bpf: only the traced calls stop the process (4x faster imports under strace than without it)
+        strace = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat", "-o", str(trace)]
+        command = [*strace, *stage_command_of(stage)]
         done = subprocess.run(command, cwd=repo, env=stage_env(), capture_output=True, text=True)
         assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
         allowed = [*declared(stage, "deps"), *declared(stage, "outs"), *declared(stage, "metrics"), *RUNTIME]
