@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,21 @@ def queue(count: int, vary: str, jobs: int | None, extra: list[str]) -> None:
         dvc(["exp", "run", "--queue", "-n", name, "-S", f"seeds.{vary}={value}", *extra])
         print(f"seeds: queued {name} (seeds.{vary}={value})")
     if jobs:
-        dvc(["queue", "start", "-j", str(jobs)])
-        wait(names)
+        run_queue(names, jobs)
+
+
+def run_queue(names: list[str], jobs: int) -> None:
+    """`dvc queue start -j jobs`, then wait for the experiments. Its workers are daemons that inherit its stdout and
+    stderr: a pipe to them would stay open until the last worker ends (DVC's first worker may stay up after the
+    queue is done: its monitor logs "shutting down due to empty queue" and it goes on polling), so they go to a
+    file."""
+    with tempfile.TemporaryFile() as errors:
+        command = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)]
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=errors)
+        if done.returncode:
+            errors.seek(0)
+            raise DuelError(f"dvc queue start failed: {(errors.read().decode().strip().splitlines() or [''])[-1]}")
+    wait(names)
 
 
 def wait(names: list[str]) -> None:

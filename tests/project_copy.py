@@ -3,6 +3,7 @@ subprocess (no DVC). The crash/resume, determinism and secrets tests share it.""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -107,6 +108,27 @@ def run_stage(repo: Path, stage: str, *args: str, env: dict[str, str] | None = N
     done = subprocess.run(stage_command(stage, *args), cwd=repo, env=env or stage_env(), capture_output=True, text=True)
     assert done.returncode == 0, f"{stage} {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
+
+
+def run_in_process(repo: Path, stage: str, *args: str) -> int:
+    """A stage's entry point called in the test process, as `python -m stages.<stage> args` run in `repo` calls it
+    (the same code: a copy's sources are the working tree's), without a new interpreter's seconds of imports; its
+    exit status. The caller captures its output (capfd). The hub client reads its environment when imported: a stage
+    that must see another endpoint runs as a process."""
+    from duel import cli
+
+    module = importlib.import_module(f"stages.{stage}")
+    argv, cwd = sys.argv, Path.cwd()
+    sys.argv = [str(repo / "stages" / f"{stage}.py"), *args]
+    os.chdir(repo)
+    try:
+        cli.run(module.main)
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return 0
 
 
 def run_pipeline(base: Path, env: dict[str, str] | None = None) -> StageRun:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from project_copy import copy_sources
+
+from duel.profile import apply
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -78,11 +81,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def reruns(demo: tuple[Path, str]) -> dict[str, str]:
-    """DVC's logs of three experiments in a row after the demo, each changing one kind of param."""
+    """DVC's logs of two experiments in a row after the demo, each changing one kind of param."""
     repo, _ = demo
     return {
         "lora": run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8"], repo),
-        "scoring": run(["dvc", "exp", "run", "-S", "execution.eval_batch_size=25"], repo),
         "prompt": run(["dvc", "exp", "run", "-S", "data.prompt='Text: {review} Sentiment:'"], repo),
     }
 
@@ -168,8 +170,22 @@ def test_lora_change_reruns_the_finetunes_and_what_follows(demo: tuple[Path, str
     assert metrics["metrics/finetune_llama.json"]["llama.trainable_parameters"]["diff"] == -46080  # r 16 -> 8
 
 
-def test_scoring_change_reruns_the_scoring_only(reruns: dict[str, str]) -> None:
-    assert ran(reruns["scoring"]) == ["zero_shot_llama", "zero_shot_deepseek", "evaluate", "report"]
+def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+    """A scoring param is read by the scoring stages and the report (which states it) only: `dvc status` names
+    them and no fine-tune."""
+    repo, _ = demo
+    assert "up to date" in run(["dvc", "status"], repo)
+    params = repo / "params.yaml"
+    original = params.read_text()
+    params.write_text(yaml.safe_dump(apply(yaml.safe_load(original), {"execution.eval_batch_size": 25})))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo))
+    finally:
+        params.write_text(original)
+    assert sorted(status) == sorted(["zero_shot_llama", "zero_shot_deepseek", "evaluate", "report"])
+    changed = {"changed deps": {"params.yaml": {"execution.eval_batch_size": "modified"}}}
+    assert all(changed in status[stage] for stage in ("zero_shot_llama", "zero_shot_deepseek", "evaluate")), status
+    assert {"changed deps": {"params.yaml": {"execution": "modified"}}} in status["report"]  # it reads every param
 
 
 def test_prompt_change_reruns_tokenize_and_everything_after(demo: tuple[Path, str], reruns: dict[str, str]) -> None:

@@ -323,6 +323,7 @@ def test_fp16_overflow_skips_are_routine_until_they_persist(tmp_path):
 # --- execution.compile ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # inductor compiles on the CPU: 8-10 s
 def test_compiled_layers_give_the_same_loss_and_gradients():
     """execution.compile (regional torch.compile of each decoder layer, dynamic shapes) changes how the step runs, not
     what it computes: on a tiny LoRA model and packed batches of two widths, the loss and the LoRA gradients equal
