@@ -116,8 +116,9 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
     named = {RENAMED.get(key, key): value for key, value in data.items()}
     fields = {key: value for key, value in named.items() if key in FIELDS and key not in call}
     if kind == "baseline":  # random tokens, `seq` to a review, no padding: reviews/s = tokens/s / seq
-        fields |= {"recipe": f"baseline-mb{data['micro_batch']}x{data['accum']}", "kernels": "none"}
         fields |= {
+            "recipe": f"baseline-mb{data['micro_batch']}x{data['accum']}",
+            "kernels": "none",
             "attention": "sdpa",
             "quantization": "none" if data["quant"] == "bf16" else data["quant"],
             "padding_share": 0.0,
@@ -139,6 +140,10 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
             "ratio_vs_baseline": round(fields["reviews_per_s"] / baseline, 3),
         }
     return Record(stage="finetune" if kind == "baseline" else kind, **call, **fields)
+
+
+# A pair's way (one after the other, at the same time) -> its members' recipe (run_device.py --together's tags).
+PAIR_MEMBERS = {"in-turn": "alone", "together": "together"}
 
 
 def pair_record(tag: str, data: dict[str, Any], members: list[dict[str, Any]], call: dict[str, Any]) -> Record:
@@ -197,8 +202,8 @@ def read_call(folder: Path) -> list[Record]:
                 records += [build_record(kind, v, m, call, baseline) for v, m in data[model].items()]
                 test_reviews = data[model]["finetuned"]["reviews"]
             elif kind == "pair":  # its members: each model's finetune result of that way
-                way = "alone" if tag == "in-turn" else "together"
-                records.append(pair_record(tag, data, [tuned[m, way] for m in model.split("+")], call))
+                members = [tuned[m, PAIR_MEMBERS[tag]] for m in model.split("+")]
+                records.append(pair_record(tag, data, members, call))
             elif kind == "timings" and "finetune" in data:  # without the default fine-tune it is no duel
                 duel = data | {"steps": steps, "test_reviews": test_reviews}
                 records.append(build_record("duel", tag, duel, call, baseline))
@@ -284,13 +289,12 @@ FINETUNE_COLUMNS = [
 
 def finetunes(records: list[Record]) -> str:
     """The project's fine-tunes of every call, with what each ran and its ratio to its own call's baseline."""
-    mine = [r for r in records if r.stage == "finetune" and r.recipe not in SHARED_GPU]
+    mine = [r for r in records if r.stage == "finetune" and r.recipe not in PAIR_MEMBERS.values()]
     runs = [r for r in mine if not r.recipe.startswith(("baseline", "ablation"))]
     rows = [dataclasses.asdict(r) for r in sorted(runs, key=lambda r: (r.model, r.recipe, r.order))]
     return table(rows, FINETUNE_COLUMNS)
 
 
-SHARED_GPU = ("in-turn", "together", "alone")
 SHARED_GPU_COLUMNS = [
     *("run", "stage", "model", "recipe", "steps", "wall_s", "reviews_per_s", "ratio_vs_baseline", "gpu_util_pct"),
     *("nvml_peak_gib", "oom_retries", "note"),
@@ -302,10 +306,10 @@ def shared_gpu(records: list[Record]) -> str:
     with the ratio of the in-turn wall time to its own), then its members."""
     rows = []
     for pair in sorted((r for r in records if r.stage == "pair"), key=lambda r: (r.order, r.recipe)):
-        in_turn = next(r for r in records if (r.run, r.stage, r.recipe) == (pair.run, "pair", "in-turn"))
-        speedup = f"{in_turn.wall_s / pair.wall_s:.2f}x the speed of in-turn" if pair is not in_turn else ""
+        in_turn = next((r for r in records if (r.run, r.stage, r.recipe) == (pair.run, "pair", "in-turn")), None)
+        speedup = f"{in_turn.wall_s / pair.wall_s:.2f}x the speed of in-turn" if in_turn not in (None, pair) else ""
         rows.append(dataclasses.asdict(pair) | {"note": speedup})
-        way = "alone" if pair.recipe == "in-turn" else "together"
+        way = PAIR_MEMBERS[pair.recipe]
         members = [r for r in records if (r.run, r.stage, r.recipe) == (pair.run, "finetune", way)]
         rows += [dataclasses.asdict(r) | {"wall_s": r.stages_s.get(f"finetune_{way}")} for r in members]
     return table(rows, SHARED_GPU_COLUMNS)

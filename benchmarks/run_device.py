@@ -138,11 +138,13 @@ def evaluate_result(key: str) -> dict[str, Any]:
     return {key: {"finetuned": read_json("metrics/evaluate.json")[key]}}
 
 
-def finetune(key: str, tag: str) -> float:
-    """The finetune stage of one model, its result emitted when it ends well; the stage process's seconds."""
+def finetune(key: str, tag: str) -> float | None:
+    """The finetune stage of one model, its result emitted when it ends well; the stage process's seconds, None when
+    it failed."""
     code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}")
-    if code == 0:
-        emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds})
+    if code:
+        return None
+    emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds})
     return seconds
 
 
@@ -161,7 +163,7 @@ COMPILED = {"compile": True, "kernels": "none"}  # inductor fuses RMSNorm, RoPE 
 def together(keys: list[str], profiles: list[Path], steps: int) -> None:
     """One GPU, the duel's fine-tunes (N steps each): each alone, one after the other, then all at the same time,
     each process seeing the whole GPU. A `pair` result per way: the processes' wall time from the first start to the
-    last end, and the reviews they trained."""
+    last end, and the reviews they trained (none when a fine-tune of that way failed)."""
     for key in keys:
         baseline(key, 16, 1, 4)
     data = {"train_size": 16 * steps, "test_size": 64}
@@ -171,13 +173,15 @@ def together(keys: list[str], profiles: list[Path], steps: int) -> None:
         stage("base", key, tag=f"base_{key}")
     stage("tokenize", tag="tokenize")
     reviews = 16 * steps * len(keys)
-    in_turn = sum(finetune(key, "alone") for key in keys)
-    emit("pair", "+".join(keys), "in-turn", {"wall_s": round(in_turn, 1), "reviews": reviews, "steps": steps})
+    alone = [finetune(key, "alone") for key in keys]
+    if None not in alone:
+        emit("pair", "+".join(keys), "in-turn", {"wall_s": round(sum(alone), 1), "reviews": reviews, "steps": steps})
     start = time.perf_counter()
     with ThreadPoolExecutor(len(keys)) as pool:
-        list(pool.map(lambda key: finetune(key, "together"), keys))
+        at_once = list(pool.map(lambda key: finetune(key, "together"), keys))
     wall = time.perf_counter() - start
-    emit("pair", "+".join(keys), "together", {"wall_s": round(wall, 1), "reviews": reviews, "steps": steps})
+    if None not in at_once:
+        emit("pair", "+".join(keys), "together", {"wall_s": round(wall, 1), "reviews": reviews, "steps": steps})
 
 
 # The paper's Table 3: its recipe, then with one technique switched (params sections laid over profiles/paper.yaml).

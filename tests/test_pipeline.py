@@ -57,6 +57,17 @@ def ran(log: str) -> list[str]:
     return running
 
 
+def status_with(repo: Path, name: str, text: str) -> dict:
+    """`dvc status --json` while the file `name` holds `text`; the file is given back as it was."""
+    path = repo / name
+    original = path.read_text()
+    path.write_text(text)
+    try:
+        return json.loads(run(["dvc", "status", "--json"], repo))
+    finally:
+        path.write_text(original)
+
+
 def read(repo: Path, name: str) -> dict:
     return json.loads((repo / name).read_text())
 
@@ -175,13 +186,8 @@ def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], reruns: 
     them and no fine-tune."""
     repo, _ = demo
     assert "up to date" in run(["dvc", "status"], repo)
-    params = repo / "params.yaml"
-    original = params.read_text()
-    params.write_text(yaml.safe_dump(apply(yaml.safe_load(original), {"execution.eval_batch_size": 25})))
-    try:
-        status = json.loads(run(["dvc", "status", "--json"], repo))
-    finally:
-        params.write_text(original)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    status = status_with(repo, "params.yaml", yaml.safe_dump(apply(params, {"execution.eval_batch_size": 25})))
     assert sorted(status) == sorted(["zero_shot_llama", "zero_shot_deepseek", "evaluate", "report"])
     changed = {"changed deps": {"params.yaml": {"execution.eval_batch_size": "modified"}}}
     assert all(changed in status[stage] for stage in ("zero_shot_llama", "zero_shot_deepseek", "evaluate")), status
@@ -199,13 +205,7 @@ def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], reruns: di
     """duel/attention.py is imported by model loading: both fine-tunes and all scoring depend on it, the rest not."""
     repo, _ = demo
     assert "up to date" in run(["dvc", "status"], repo)
-    module = repo / "duel" / "attention.py"
-    original = module.read_text()
-    module.write_text(original + "\n# edited\n")
-    try:
-        status = json.loads(run(["dvc", "status", "--json"], repo))
-    finally:
-        module.write_text(original)
+    status = status_with(repo, "duel/attention.py", (repo / "duel" / "attention.py").read_text() + "\n# edited\n")
     assert sorted(status) == sorted(
         ["zero_shot_llama", "zero_shot_deepseek", "finetune_llama", "finetune_deepseek", "evaluate"]
     )
