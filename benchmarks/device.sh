@@ -6,6 +6,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
+# The peer's wheels (run_device.py --peer) apart: they pin an older datasets than the stages'.
+if compgen -G ".whl/peer/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peer-site .whl/peer/*.whl
+  export PEER_SITE=/tmp/peer-site UNSLOTH_DISABLE_STATISTICS=1
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf/hub HF_HUB_OFFLINE=1
 export OUT=${OUT:-$PWD/out}
 # DVCLive needs a commit, and the tests read the committed params.yaml: commit the tree as it came.

@@ -1,11 +1,7 @@
-"""Benchmark records: the raw folder of one device call -> benchmarks/records.jsonl -> benchmarks/README.md.
+"""Benchmark records: a device call's raw folder (the $OUT of benchmarks/device.sh: gpu.csv, versions.json, log.txt,
+results.jsonl, at its top or per model) -> records.jsonl -> README.md (README.template.md, {{tables}} filled).
 
-    .venv/bin/python benchmarks/record.py benchmarks/raw/2026-12-01-h200-call01   # add a call, render the README
-    .venv/bin/python benchmarks/record.py                                          # render the README only
-
-A call folder (the $OUT of benchmarks/device.sh) holds gpu.csv, versions.json, and results.jsonl ({"kind", "model",
-"tag", "data"} per line) with log.txt, at its top or, with --parallel, in <model>/. The README is README.template.md
-with its {{tables}} filled from records.jsonl; both are written atomically.
+    .venv/bin/python benchmarks/record.py [benchmarks/raw/2026-12-01-h200-call01 ...]   # no folder: README only
 """
 
 from __future__ import annotations
@@ -26,19 +22,20 @@ from duel.claims import newest_ablation, table3_markdown
 BENCH = Path(__file__).resolve().parent
 RUN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-call(\d+)")
 STAGE_LOG = re.compile(r"^==== (\S+): exit 0 in ([\d.]+) s$", re.MULTILINE)  # run_device.py's end of a process
-# MFU = real tokens/s x FLOPs per token / the H200's bf16 matrix rate as measured on this machine kind (8192^3
-# products: 769-798 TFLOP/s; no real kernel reaches the datasheet's 989). LoRA leaves the frozen weights without
-# weight gradients: a token costs 2N (forward) + 2N (activation gradients) = 4N FLOPs, and 6N with gradient
-# checkpointing (a second forward). N = total parameters; attention FLOPs are left out.
+# MFU: real tokens/s x FLOPs per token (4N: forward + activation gradients, frozen weights get none; 6N with
+# checkpointing; N parameters, attention left out) / the H200's bf16 matrix rate measured here (8192^3: 769-798 TF/s).
 PEAK_FLOPS = 790e12
 MAX_LENGTH = 512  # data.max_length; the fine-tune metrics do not record it
-# The targets: fine-tune reviews/s over the same call's baseline; evaluate reviews/s; the paper-scale duel.
-TARGET_RATIO = {"default": 3.0, "budget": 2.0}
-TARGET_BUDGET_GIB = 16.0
-TARGET_EVAL_REVIEWS_PER_S = 100.0
-JUDGED_EVAL_REVIEWS = 3000  # on fewer test reviews an evaluate's rate is mostly loading and warm-up
-PAPER_STEPS, PAPER_TEST_REVIEWS = 200, 25000
-TARGET_DUEL_S = 15 * 60
+# The targets: fine-tune reviews/s over the same call's baseline (default, 16 GiB budget); evaluate reviews/s, judged
+# on at least 3,000 test reviews (on fewer it is mostly loading); the paper-scale duel's seconds.
+TARGET_RATIO, TARGET_UTIL_PCT = {"default": 5.0, "budget": 3.5}, 90
+TARGET_BUDGET_GIB, TARGET_EVAL_REVIEWS_PER_S, JUDGED_EVAL_REVIEWS = 16.0, 180.0, 3000
+PAPER_STEPS, PAPER_TEST_REVIEWS, TARGET_DUEL_S = 200, 25000, 8 * 60
+TARGETS = [
+    f"{PAPER_STEPS}-step fine-tune: ≥ {TARGET_RATIO['default']:g}x the baseline, ≥ {TARGET_UTIL_PCT}% busy",
+    f"{TARGET_BUDGET_GIB:g} GiB budget: ≥ {TARGET_RATIO['budget']:g}x the baseline, no OOM",
+    f"evaluate: ≥ {TARGET_EVAL_REVIEWS_PER_S:g} reviews/s",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +45,10 @@ class Record:
     run: str  # <date>-<gpu>-call<NN>: the call's folder under benchmarks/raw
     date: str
     gpu: str  # as nvidia-smi names it
-    # finetune | evaluate | sweep | duel (download, tokenize, finetune, evaluate back to back) | pair (the models'
-    # finetune stages on one GPU, as one measurement: model is "llama+deepseek")
-    stage: str
+    stage: str  # finetune | evaluate | sweep | duel (all stages, back to back) | peer (Unsloth) | pair (see shared_gpu)
     model: str
-    # finetune: the runner's tag (default, budget, oom, paper, compiled, alone, together, ...) or
-    # baseline-mb<M>x<A>; evaluate: default | zero-shot; sweep: <kernels>/<variant>; duel: default;
-    # pair: in-turn (one after the other) | together (at the same time)
+    # finetune: the runner's tag (default, budget, oom, paper, alone, ...) or baseline-mb<M>x<A>; evaluate: default |
+    # zero-shot; sweep: <kernels>/<variant>; duel: default; pair: in-turn | together; peer: unsloth[-no-ckpt]
     recipe: str
     versions: dict[str, str]
     argv: str | None = None  # run_device.py's arguments for the call
@@ -69,10 +63,10 @@ class Record:
     max_length: int = MAX_LENGTH
     steps: int | None = None
     test_reviews: int | None = None  # evaluate and duel: the test reviews scored
-    # finetune: all steps, the first (warm-up) one included; evaluate: the scoring; duel: the stages' sum;
-    # baseline and sweep rows: seconds per optimizer step; pair: from the first stage's start to the last one's end
+    # finetune, peer: all steps; evaluate: the scoring; duel: the stages' sum; baseline, sweep: a step; pair: see there
     wall_s: float | None = None
     reviews_per_s: float | None = None
+    steady_reviews_per_s: float | None = None  # after the first 2 steps (compiles, warm-ups); baseline: its steps
     tokens_per_s: float | None = None  # real tokens, padding excluded
     padding_share: float | None = None  # 1 - real tokens / token slots computed
     gpu_util_pct: float | None = None  # NVML's utilization, mean over the timed run
@@ -87,58 +81,47 @@ class Record:
     stages_s: dict[str, float] | None = None  # the model's stage processes in the call, seconds as log.txt has them
     note: str = ""
 
-    @property
-    def order(self) -> tuple[str, int]:
-        """Calls in the order they ran: date, then call number."""
-        return self.date, int(RUN_NAME.fullmatch(self.run)[3])
-
 
 FIELDS = [field.name for field in dataclasses.fields(Record)]
 
 
-# The runner's names for record fields; a key of a result that names a field neither here nor in Record is left out.
-RENAMED = {
-    **dict.fromkeys(("train_time_s", "eval_time_s", "step_s", "s_per_step"), "wall_s"),
-    **dict.fromkeys(("peak_vram_reserved_gib", "peak_reserved_gib"), "peak_vram_gib"),
-    **{"gpu_util_mean_pct": "gpu_util_pct", "reviews": "test_reviews", "grad_ckpt": "gradient_checkpointing"},
-    **{"accum": "grad_accum", "seq": "max_length"},
-    # Scoring's cost, prefixed in the evaluate and zero-shot metrics.
-    **{"eval_reviews_per_s": "reviews_per_s", "eval_gpu_util_mean_pct": "gpu_util_pct", "eval_energy_j": "energy_j"},
-    **{"eval_peak_vram_reserved_gib": "peak_vram_gib", "eval_nvml_peak_gib": "nvml_peak_gib"},
-    **{"eval_oom_retries": "oom_retries"},
+# The runner's names for record fields (scoring's are prefixed eval_); a key naming no field is left out.
+RENAMED = dict.fromkeys(("train_time_s", "eval_time_s", "step_s", "s_per_step"), "wall_s") | {
+    **dict.fromkeys(("peak_vram_reserved_gib", "peak_reserved_gib", "eval_peak_vram_reserved_gib"), "peak_vram_gib"),
+    **dict(gpu_util_mean_pct="gpu_util_pct", reviews="test_reviews", grad_ckpt="gradient_checkpointing"),
+    **dict(accum="grad_accum", seq="max_length", eval_reviews_per_s="reviews_per_s", eval_energy_j="energy_j"),
+    **dict(eval_gpu_util_mean_pct="gpu_util_pct", eval_nvml_peak_gib="nvml_peak_gib", eval_oom_retries="oom_retries"),
 }
 
 
 def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any], baseline: float | None) -> Record:
-    """One result of the runner -> one record: what it reports under the records' names, what its kind implies,
-    what every record of the model in the call shares (`call`), and the ratio to `baseline` (the call's best nf4-dq
-    baseline reviews/s for the model) of a fine-tune."""
+    """One result of the runner -> one record: its figures under the records' names, what its kind implies, what the
+    model's records in the call share (`call`), and a fine-tune's ratio to `baseline` (the call's best nf4-dq one)."""
     named = {RENAMED.get(key, key): value for key, value in data.items()}
     fields = {key: value for key, value in named.items() if key in FIELDS and key not in call}
     if kind == "baseline":  # random tokens, `seq` to a review, no padding: reviews/s = tokens/s / seq
-        fields |= {
-            "recipe": f"baseline-mb{data['micro_batch']}x{data['accum']}",
-            "kernels": "none",
-            "attention": "sdpa",
-            "quantization": "none" if data["quant"] == "bf16" else data["quant"],
-            "padding_share": 0.0,
-        }
+        fields |= dict(recipe=f"baseline-mb{data['micro_batch']}x{data['accum']}", kernels="none", attention="sdpa")
+        fields |= dict(quantization="none" if data["quant"] == "bf16" else data["quant"], padding_share=0.0)
         fields["reviews_per_s"] = round(data["tokens_per_s"] / data["seq"], 3)
+        fields["steady_reviews_per_s"] = fields["reviews_per_s"]  # timed after a warm-up step
     elif kind == "finetune":
         flops_per_token = (6 if data["gradient_checkpointing"] else 4) * data["total_parameters"]
-        fields |= {"recipe": tag, "quantization": data["quantization"] or "none"}
+        recipe = "budget" if tag.startswith("budget-") else tag  # --peer's budget-<GiB>: the budget is a field
+        fields |= {"recipe": recipe, "quantization": data["quantization"] or "none"}
         fields["mfu"] = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)
+    elif kind == "peer":  # its own kernels and attention, NF4 with double quantization, offloaded checkpointing
+        ckpt, wall_s = data["checkpointing"] != "none", round(data["steps"] * 16 / data["reviews_per_s"], 2)
+        fields |= dict(recipe="unsloth" if ckpt else "unsloth-no-ckpt", quantization="nf4-dq", kernels="unsloth")
+        fields |= dict(gradient_checkpointing=ckpt, grad_accum=16 // data["micro_batch"], wall_s=wall_s)
+        fields["padding_share"] = round(1 - data["tokens_per_s"] / data["padded_tokens_per_s"], 4)
     elif kind == "evaluate":  # one variant's metrics; tag: finetuned | zero_shot
         fields |= {"recipe": "default" if tag == "finetuned" else "zero-shot"}
     elif kind == "duel":  # the runner's timings, with the steps and test reviews of the call's default and evaluate
         fields |= {"recipe": "default", "wall_s": round(data["duel_wall_s"], 1)}
     else:
-        raise ValueError(f"result kind {kind!r}: baseline, finetune, evaluate, pair or duel")
-    if kind == "finetune" and baseline and fields.get("reviews_per_s"):
-        fields |= {
-            "baseline_reviews_per_s": baseline,
-            "ratio_vs_baseline": round(fields["reviews_per_s"] / baseline, 3),
-        }
+        raise ValueError(f"result kind {kind!r}: baseline, finetune, evaluate, peer, pair or duel")
+    if kind in ("finetune", "peer") and baseline and fields.get("reviews_per_s"):
+        fields |= dict(baseline_reviews_per_s=baseline, ratio_vs_baseline=round(fields["reviews_per_s"] / baseline, 3))
     return Record(stage="finetune" if kind == "baseline" else kind, **call, **fields)
 
 
@@ -147,26 +130,20 @@ PAIR_MEMBERS = {"in-turn": "alone", "together": "together"}
 
 
 def pair_record(tag: str, data: dict[str, Any], members: list[dict[str, Any]], call: dict[str, Any]) -> Record:
-    """The models' finetune stages on one GPU as one measurement (`members`: their results): all reviews trained
-    over the wall time of the stage processes (start-up and loading included), the GPU's utilization as the members
-    saw it (NVML's is the device's) weighted by their training time, the device's memory peak."""
+    """The models' finetune stages on one GPU as one measurement (`members`: their results): all reviews over the
+    processes' wall time, the members' GPU utilization weighted by their training time, the device's memory peak."""
     seconds = [m["train_time_s"] for m in members]
     util = sum(m["gpu_util_mean_pct"] * s for m, s in zip(members, seconds, strict=True)) / sum(seconds)
-    fields = {"recipe": tag, "steps": data["steps"], "wall_s": data["wall_s"], "gpu_util_pct": round(util, 1)}
-    fields |= {"reviews_per_s": round(data["reviews"] / data["wall_s"], 3)}
-    fields |= {"nvml_peak_gib": max(m["nvml_peak_gib"] for m in members)}
-    fields |= {"oom_retries": sum(m["oom_retries"] for m in members)}
-    return Record(stage="pair", **call, **fields)
+    fields = dict(recipe=tag, steps=data["steps"], wall_s=data["wall_s"], gpu_util_pct=round(util, 1))
+    peak, retries = max(m["nvml_peak_gib"] for m in members), sum(m["oom_retries"] for m in members)
+    rate = round(data["reviews"] / data["wall_s"], 3)
+    return Record(stage="pair", **call, **fields, reviews_per_s=rate, nvml_peak_gib=peak, oom_retries=retries)
 
 
 def logged_stages(log: str, model: str) -> dict[str, float]:
-    """Seconds of each of the model's stage processes that ended well, from log.txt's `==== <tag>: exit 0 in S s`;
-    the model's key leaves the tag (finetune_llama_default -> finetune_default)."""
-    return {
-        "_".join(p for p in tag.split("_") if p != model): float(seconds)
-        for tag, seconds in STAGE_LOG.findall(log)
-        if model in tag.split("_")
-    }
+    """Seconds of the model's stage processes that ended well in log.txt (finetune_llama_x -> finetune_x)."""
+    parts = [(tag.split("_"), float(seconds)) for tag, seconds in STAGE_LOG.findall(log)]
+    return {"_".join(p for p in tag if p != model): seconds for tag, seconds in parts if model in tag}
 
 
 def read_call(folder: Path) -> list[Record]:
@@ -179,13 +156,9 @@ def read_call(folder: Path) -> list[Record]:
     results = [p for p in (folder / "results.jsonl", *sorted(folder.glob("*/results.jsonl"))) if p.exists()]
     lines = [json.loads(line) for path in results for line in path.read_text().splitlines()]
     logs = "".join(p.read_text() for p in (folder / "log.txt", *sorted(folder.glob("*/log.txt"))) if p.exists())
-    shared = {
-        "run": folder.name,
-        "date": name[1],
-        "gpu": gpu,
-        "versions": json.loads((folder / "versions.json").read_text()),
-        "argv": next((" ".join(r["data"]["argv"]) for r in lines if r["kind"] == "call"), None),
-    }
+    argv = next((" ".join(r["data"]["argv"]) for r in lines if r["kind"] == "call"), None)
+    shared = dict(run=folder.name, date=name[1], gpu=gpu, versions=json.loads((folder / "versions.json").read_text()))
+    shared["argv"] = argv
     records = []
     tuned = {(r["model"], r["tag"]): r["data"] for r in lines if r["kind"] == "finetune"}
     for model in dict.fromkeys(r["model"] for r in lines if r["kind"] not in ("call", "gpu_tests")):
@@ -195,7 +168,7 @@ def read_call(folder: Path) -> list[Record]:
         baseline = max((round(b["tokens_per_s"] / b["seq"], 3) for b in quantized), default=None)
         steps = test_reviews = None
         for kind, tag, data in ((r["kind"], r["tag"], r["data"]) for r in mine):
-            if kind in ("baseline", "finetune"):
+            if kind in ("baseline", "finetune", "peer"):
                 records.append(build_record(kind, tag, data, call, baseline))
                 steps = data["steps"] if (kind, tag) == ("finetune", "default") else steps
             elif kind == "evaluate":
@@ -213,21 +186,19 @@ def read_call(folder: Path) -> list[Record]:
 def read_records(path: Path) -> list[Record]:
     """records.jsonl; a record with a field missing or unknown fails here."""
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    for r in records:
-        if list(r) != FIELDS:
-            raise ValueError(f"{path}: a record's fields {list(r)} are not Record's {FIELDS}")
+    if wrong := next((list(r) for r in records if list(r) != FIELDS), None):
+        raise ValueError(f"{path}: a record's fields {wrong} are not Record's {FIELDS}")
     return [Record(**r) for r in records]
 
 
 def write_atomically(path: Path, text: str) -> None:
     """A temp file, then a rename: a run that dies leaves the old file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    (tmp := path.with_name(f".{path.name}.tmp")).write_text(text)
     os.replace(tmp, path)
 
 
 def newest(records: list[Record]) -> Record | None:
-    return max(records, key=lambda r: r.order, default=None)
+    return max(records, key=lambda r: r.run, default=None)
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -238,38 +209,35 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def target_row(target: str, model: str, r: Record | None, met: bool, figure: str = "") -> dict[str, Any]:
     """One target's row: the record that judges it (None: no call measured it) and whether it meets it."""
     if r is None:
-        return {"target": target, "model": model, "measured": "not measured"}
+        return dict(target=target, model=model, measured="not measured")
     if r.stage == "evaluate":
         figure = f"{r.reviews_per_s} reviews/s on {r.test_reviews:,} test reviews"
     elif r.stage == "finetune":
         backoffs = f", {r.oom_retries} OOM back-offs" if r.memory_budget_gib else ""
         figure = f"{r.reviews_per_s} / {r.baseline_reviews_per_s} reviews/s = {r.ratio_vs_baseline:.2f}x{backoffs}"
-    row = {"target": target, "model": model, "run": r.run, "measured": figure, "gpu_util_pct": r.gpu_util_pct}
-    return row | {"peak_vram_gib": r.peak_vram_gib, "met": "yes" if met else "no"}
+    row = dict(target=target, model=model, run=r.run, measured=figure, gpu_util_pct=r.gpu_util_pct)
+    return row | dict(peak_vram_gib=r.peak_vram_gib, met="yes" if met else "no")
+
+
+def meets(r: Record) -> bool:
+    if r.stage == "evaluate":
+        return r.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S
+    fast = r.ratio_vs_baseline >= TARGET_RATIO[r.recipe]
+    return fast and (r.oom_retries == 0 if r.recipe == "budget" else r.gpu_util_pct >= TARGET_UTIL_PCT)
 
 
 def targets(records: list[Record]) -> str:
-    """Each target per model against the newest call that measured it; the duel against the newest call in which
-    every model ran it at paper scale."""
+    """Each target per model against the newest call that measured it; the duel: the newest with every model."""
     models = sorted({r.model for r in records if r.stage != "pair"})
-    default_target = f"default fine-tune, {PAPER_STEPS} steps: ≥ {TARGET_RATIO['default']:g}x the baseline's reviews/s"
-    budget_target = f"{TARGET_BUDGET_GIB:g} GiB budget: ≥ {TARGET_RATIO['budget']:g}x the baseline's, no OOM"
-    evaluate_target = f"evaluate: ≥ {TARGET_EVAL_REVIEWS_PER_S:g} reviews/s"
     rows = []
     for model in models:
         tuned = [r for r in records if r.model == model and r.stage == "finetune" and r.ratio_vs_baseline]
-        default = newest([r for r in tuned if r.recipe == "default" and r.steps == PAPER_STEPS])
-        budget = newest([r for r in tuned if r.recipe == "budget" and r.memory_budget_gib == TARGET_BUDGET_GIB])
         scored = [r for r in records if r.model == model and r.stage == "evaluate" and r.recipe == "default"]
-        evaluate = newest([r for r in scored if r.test_reviews >= JUDGED_EVAL_REVIEWS])
-        default_met = default and default.ratio_vs_baseline >= TARGET_RATIO["default"]
-        budget_met = budget and budget.ratio_vs_baseline >= TARGET_RATIO["budget"] and budget.oom_retries == 0
-        evaluate_met = evaluate and evaluate.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S
-        rows += [
-            target_row(default_target, model, default, default_met),
-            target_row(budget_target, model, budget, budget_met),
-            target_row(evaluate_target, model, evaluate, evaluate_met),
-        ]
+        default = [r for r in tuned if r.recipe == "default" and r.steps == PAPER_STEPS]
+        budget = [r for r in tuned if r.recipe == "budget" and r.memory_budget_gib == TARGET_BUDGET_GIB]
+        evaluate = [r for r in scored if r.test_reviews >= JUDGED_EVAL_REVIEWS]
+        picks = zip(TARGETS, (default, budget, evaluate), strict=True)
+        rows += [target_row(t, model, r := newest(c), r is not None and meets(r)) for t, c in picks]
     duels = [r for r in records if r.stage == "duel" and (r.steps, r.test_reviews) == (PAPER_STEPS, PAPER_TEST_REVIEWS)]
     last = newest([r for r in duels if {d.model for d in duels if d.run == r.run} == set(models)])
     chain = [r for r in duels if last and r.run == last.run]
@@ -291,7 +259,7 @@ def finetunes(records: list[Record]) -> str:
     """The project's fine-tunes of every call, with what each ran and its ratio to its own call's baseline."""
     mine = [r for r in records if r.stage == "finetune" and r.recipe not in PAIR_MEMBERS.values()]
     runs = [r for r in mine if not r.recipe.startswith(("baseline", "ablation"))]
-    rows = [dataclasses.asdict(r) for r in sorted(runs, key=lambda r: (r.model, r.recipe, r.order))]
+    rows = [dataclasses.asdict(r) for r in sorted(runs, key=lambda r: (r.model, r.recipe, r.run))]
     return table(rows, FINETUNE_COLUMNS)
 
 
@@ -302,10 +270,9 @@ SHARED_GPU_COLUMNS = [
 
 
 def shared_gpu(records: list[Record]) -> str:
-    """The duel's fine-tunes on one GPU, one after the other and at the same time: each way's pair record (together:
-    with the ratio of the in-turn wall time to its own), then its members."""
+    """The duel's fine-tunes on one GPU, in turn and together: each pair record (with its speed-up), its members."""
     rows = []
-    for pair in sorted((r for r in records if r.stage == "pair"), key=lambda r: (r.order, r.recipe)):
+    for pair in sorted((r for r in records if r.stage == "pair"), key=lambda r: (r.run, r.recipe)):
         in_turn = next((r for r in records if (r.run, r.stage, r.recipe) == (pair.run, "pair", "in-turn")), None)
         speedup = f"{in_turn.wall_s / pair.wall_s:.2f}x the speed of in-turn" if in_turn not in (None, pair) else ""
         rows.append(dataclasses.asdict(pair) | {"note": speedup})
@@ -315,24 +282,43 @@ def shared_gpu(records: list[Record]) -> str:
     return table(rows, SHARED_GPU_COLUMNS)
 
 
-def sweeps(records: list[Record]) -> str:
-    """Each sweep variant's ratio to its call's baseline, a column per model and call."""
-    sweep = sorted((r for r in records if r.stage == "sweep"), key=lambda r: (r.order, r.model))
-    columns = list(dict.fromkeys(f"{r.model} {r.run}" for r in sweep))
-    ratios = {(r.recipe, f"{r.model} {r.run}"): r.ratio_vs_baseline for r in sweep}
-    variants = sorted({r.recipe for r in sweep})
-    return table([{"variant": v} | {c: ratios.get((v, c)) for c in columns} for v in variants], ["variant", *columns])
+PEER_COLUMNS = ["model", "budget_gib", "run", "project", "unsloth", "plain stack", "project / unsloth"]
+PEER_COLUMNS.append("project / plain")
+
+
+def figure(r: Record) -> str:
+    way = f", mb {r.micro_batch} after {r.oom_retries} OOM" if r.oom_retries else ""
+    way = f", mb {r.micro_batch}" + ("" if r.gradient_checkpointing else ", no ckpt") if r.stage == "peer" else way
+    return f"{r.steady_reviews_per_s:.1f} ({r.peak_vram_gib:.1f} GiB, {r.gpu_util_pct:.0f}% busy{way})"
+
+
+def peers(records: list[Record]) -> str:
+    """The newest peer call per model, budget by budget: the project, the peer's fastest way, the plain stack."""
+    rows = []
+    for model in sorted({r.model for r in records if r.stage == "peer"}):
+        run = newest([r for r in records if r.stage == "peer" and r.model == model]).run
+        mine = [r for r in records if (r.run, r.model) == (run, model)]
+        plain = next(r for r in mine if r.recipe == "baseline-mb16x1")
+        for budget in dict.fromkeys(r.memory_budget_gib for r in mine if r.stage == "peer"):
+            project = next(r for r in mine if (r.recipe, r.memory_budget_gib) == ("budget", budget))
+            ways = [r for r in mine if r.stage == "peer" and r.memory_budget_gib == budget]
+            peer = max(ways, key=lambda r: r.steady_reviews_per_s)
+            fits, gib = budget is None or plain.peak_vram_gib <= budget, plain.peak_vram_gib
+            plain_figure = f"{plain.steady_reviews_per_s:.1f} ({gib:.1f} GiB)" if fits else f"needs {gib} GiB"
+            ratios = [f"{project.steady_reviews_per_s / r.steady_reviews_per_s:.2f}x" for r in (peer, plain)]
+            figures = [budget or "whole GPU", run, figure(project), figure(peer), plain_figure]
+            rows.append(dict(zip(PEER_COLUMNS, [model, *figures, ratios[0], ratios[1] if fits else None], strict=True)))
+    return table(rows, PEER_COLUMNS)
 
 
 def ablation(records: list[Record]) -> str:
-    """The paper's Table 3 re-measured: the newest ablation call per model (duel.claims renders it for the report
-    too)."""
+    """The paper's Table 3 re-measured: the newest ablation call per model (duel.claims renders it for the report)."""
     return "\n".join(table3_markdown(newest_ablation([dataclasses.asdict(r) for r in records])))
 
 
 def render_readme(records: list[Record]) -> str:
     text = (BENCH / "README.template.md").read_text()
-    sections = {"targets": targets, "finetunes": finetunes, "sweeps": sweeps, "shared_gpu": shared_gpu}
+    sections = {"targets": targets, "finetunes": finetunes, "peers": peers, "shared_gpu": shared_gpu}
     for name, filled in (sections | {"ablation": ablation}).items():
         text = text.replace("{{" + name + "}}", filled(records))
     return text

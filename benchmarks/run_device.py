@@ -9,6 +9,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--compiled] [--sweep N]
     python3 benchmarks/run_device.py llama --ablation 3
     python3 benchmarks/run_device.py llama deepseek --together 60
+    python3 benchmarks/run_device.py llama --peer 30
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
@@ -22,6 +23,10 @@ process compiles cold).
 --together N measures one GPU shared by the duel's two fine-tunes: both baselines, then N steps of the default
 recipe for each model alone, one after the other, then the same two fine-tunes started at the same time (as two
 workers of `dvc queue start -j 2` run them on a one-GPU host); no scoring.
+
+--peer N measures the project against its peer at each memory budget of PEER_BUDGETS: per model, the baseline, then
+N steps of the finetune stage at each budget, then benchmarks/peer.py (Unsloth) on the same tokenized reviews at the
+same budgets (its wheels installed apart, in $PEER_SITE: they pin an older `datasets`); no scoring.
 
 --ablation N re-measures the paper's Table 3 instead: per model, both baselines (micro-batch 16, and the paper's
 1 x 16), then N steps of the paper's recipe (profiles/paper.yaml) and of that recipe with one technique changed
@@ -119,10 +124,24 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def series(key: str, name: str) -> list[float]:
+    """A per-step series of the stage's DVCLive log."""
+    path = Path("plots") / key / "plots/metrics" / f"{name}.tsv"
+    return [float(line.split("\t")[-1]) for line in path.read_text().splitlines()[1:]] if path.exists() else []
+
+
+def steady_reviews_per_s(key: str) -> float | None:
+    """Reviews per second after the first 2 steps (compiles and warm-ups)."""
+    rates = series(key, "reviews_per_s")[2:]
+    return round(len(rates) / sum(1 / r for r in rates), 3) if rates else None
+
+
 def finetune_result(key: str) -> dict[str, Any]:
     """A fine-tune's numbers (its metrics) with how it ran (beside its adapter), as one flat result."""
     training = read_json(Path("models/adapters") / key / "training.json")
     metrics = read_json(f"metrics/finetune_{key}.json")[key]
+    metrics["steady_reviews_per_s"] = steady_reviews_per_s(key)
+    metrics["first_loss"] = next(iter(series(key, "loss")), None)
     return (
         training["run"]
         | metrics
@@ -182,6 +201,29 @@ def together(keys: list[str], profiles: list[Path], steps: int) -> None:
     wall = time.perf_counter() - start
     if None not in at_once:
         emit("pair", "+".join(keys), "together", {"wall_s": round(wall, 1), "reviews": reviews, "steps": steps})
+
+
+PEER_BUDGETS = (8.0, 12.0, 16.0, 24.0, None)  # GiB; None: the whole GPU
+
+
+def peer(key: str, profiles: list[Path], steps: int) -> None:
+    """The project and Unsloth at each budget on the same N steps of reviews (steady_reviews_per_s: after 2 steps)."""
+    baseline(key, 16, 1, 4)
+    data = {"train_size": 16 * steps, "test_size": 64}
+    write_params(key, profiles, data=data, train={"steps": steps})
+    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
+        stage(name, *args, tag=f"{name}_{key}")
+    budgets = ",".join(str(b or 0) for b in PEER_BUDGETS)
+    env = {"PYTHONPATH": os.pathsep.join([os.environ.get("PEER_SITE", ""), os.environ.get("PYTHONPATH", "")])}
+    results = str(OUT / "results.jsonl")
+    call(
+        [sys.executable, "benchmarks/peer.py", key, "--budgets", budgets, "--no-checkpointing", "--results", results],
+        f"peer_{key}",
+        env,
+    )
+    for budget in PEER_BUDGETS:
+        write_params(key, profiles, data=data, train={"steps": steps}, execution={"memory_budget_gib": budget})
+        finetune(key, f"budget-{budget or 'none'}")
 
 
 # The paper's Table 3: its recipe, then with one technique switched (params sections laid over profiles/paper.yaml).
@@ -251,6 +293,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=0, help="N steps of the finetune stage per SWEEP variant")
     parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
     parser.add_argument("--together", type=int, default=0, help="N steps per model: alone, then both at once")
+    parser.add_argument("--peer", type=int, default=0, help="N steps per budget: the project, then Unsloth")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -270,6 +313,9 @@ def main() -> None:
     for key in args.keys:
         if args.ablation:
             ablation(key, profiles, args.ablation)
+            continue
+        if args.peer:
+            peer(key, profiles, args.peer)
             continue
         if not baseline_last:
             baseline(key, 16, 1, 4)
