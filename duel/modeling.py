@@ -139,7 +139,7 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params, max_toke
         task_type="CAUSAL_LM",
     )
     adapted = get_peft_model(base, lora)
-    set_checkpointed_layers(adapted, checkpointed_layer_count(adapted, params, max_tokens))
+    set_checkpointed_layers(adapted, *checkpointed_layer_count(adapted, params, max_tokens))
     return adapted
 
 

@@ -26,7 +26,7 @@ from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import TrainOutput
 
 from duel import profiling
-from duel.checkpointing import checkpointed_layers, decoder_layers, switch_on_checkpointing
+from duel.checkpointing import checkpointed_layers, decoder_layers, offloaded_layers, switch_on_checkpointing
 from duel.errors import TrainingError
 from duel.modeling import quantization_name
 from duel.parallel import barrier, world_size
@@ -600,6 +600,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "quantization": quantization_name(params.quantization),
         "padding": params.execution.padding,
         "gradient_checkpointing": f"{checkpointed_layers(model)} of {len(decoder_layers(model))} layers",
+        "offloaded_checkpoints": offloaded_layers(model),
         "memory": memory_kind(),
         "processes": world_size(),
     }

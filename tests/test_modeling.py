@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -100,10 +101,12 @@ LLAMA = {"layers": 32, "hidden": 4096, "intermediate": 11008}
 
 def test_layers_to_checkpoint_fits_the_budget() -> None:
     fixed = 4.12 * GIB + 12 * 40e6
-    count = {
+    plans = {
         b: checkpointing.layers_to_checkpoint(b * GIB, fixed, **LLAMA, max_tokens=6000) for b in (8, 16, 24, 48, 141)
     }
-    assert count[8] == 32  # not even all checkpointed fits: all are, and an OOM would halve the micro-batch
+    count = {b: layers for b, (layers, _) in plans.items()}
+    assert plans[8] == (32, True)  # not even all checkpointed fits: all are, their inputs offloaded to the host
+    assert not any(offload for b, (_, offload) in plans.items() if b > 8)
     assert 32 > count[16] > count[24] > count[48] > 0  # more memory, fewer layers recomputed
     assert count[141] == 0  # the H200 without a budget: nothing recomputed
     # The plan never exceeds its share of the budget: every checkpointed layer keeps its input, the others all.
@@ -125,16 +128,21 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
 
     model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), LoraConfig(r=4, target_modules=["q_proj"]))
 
-    def resolved(value: Any, budget: float | None = None, tokens: int | None = 512) -> int:
+    def plan(value: Any, budget: float | None = None, tokens: int | None = 512, offload: Any = "auto") -> Any:
         execution = dataclasses.replace(params.execution, gradient_checkpointing=value, memory_budget_gib=budget)
+        execution = dataclasses.replace(execution, offload_checkpoints=offload)
         return checkpointing.checkpointed_layer_count(model, dataclasses.replace(params, execution=execution), tokens)
 
-    assert resolved(True) == 2 and resolved(False) == 0
-    assert resolved("auto") == 2  # a CPU: all
+    def resolved(value: Any, budget: float | None = None, tokens: int | None = 512) -> int:
+        return plan(value, budget, tokens)[0]
+
+    assert plan(True) == (2, False) and plan(False) == (0, False) and plan(True, offload=True) == (2, True)
+    assert plan("auto") == (2, False)  # a CPU: all, in memory the host has anyway
     monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
-    assert resolved("auto") == 0  # tiny model, big GPU: none
-    assert resolved("auto", budget=1e-6) == 2  # no room at all: every layer
+    assert plan("auto") == (0, False)  # tiny model, big GPU: none
+    assert plan("auto", budget=1e-6) == (2, True)  # no room at all: every layer, offloaded
+    assert plan("auto", budget=1e-6, offload=False) == (2, False)
     # Between no room and room enough, auto checkpoints some of the layers: fewer the larger the budget.
     counts = [resolved("auto", budget=float(b)) for b in np.geomspace(1e-5, 1.0, 200)]
     assert counts == sorted(counts, reverse=True) and set(counts) == {2, 1, 0}
@@ -164,3 +172,36 @@ def test_misspelled_lora_target_is_refused_with_the_names_there_are() -> None:
     message = str(err.value)
     assert message.startswith("models.llama.lora_targets: dwn_proj names no module of this model")
     assert "down_proj" in message and "lm_head" in message  # the linear layers a user can choose from
+
+
+def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
+    """execution.offload_checkpoints: every layer checkpointed with its input kept in host memory computes the loss
+    and LoRA gradients of the plain non-reentrant checkpointing, dropout masks included (fp32 on a CPU: to rounding)."""
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config())
+    batch = {"input_ids": torch.randint(1, 300, (2, 24)), "labels": torch.randint(1, 300, (2, 24))}
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+        model = get_peft_model(copy.deepcopy(base), config)
+        for name, param in model.named_parameters():  # B away from zero, so the adapters shape the gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        model.train()
+        checkpointing.set_checkpointed_layers(model, 2, offload=offload)
+        assert checkpointing.offloaded_layers(model) == (2 if offload else 0)
+        torch.manual_seed(2)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss, grads), (offloaded_loss, offloaded_grads) = results
+    assert torch.allclose(loss, offloaded_loss, atol=1e-6)
+    assert grads.keys() == offloaded_grads.keys() and len(grads) == 12
+    for name in grads:
+        assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
