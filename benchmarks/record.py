@@ -109,6 +109,9 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         recipe = "budget" if tag.startswith("budget-") else tag  # --peer's budget-<GiB>: the budget is a field
         fields |= {"recipe": recipe, "quantization": data["quantization"] or "none"}
         fields["mfu"] = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)
+        fields["note"] = (
+            f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""
+        )
     elif kind == "peer":  # its own kernels and attention, NF4 with double quantization, offloaded checkpointing
         ckpt, wall_s = data["checkpointing"] != "none", round(data["steps"] * 16 / data["reviews_per_s"], 2)
         fields |= dict(recipe="unsloth" if ckpt else "unsloth-no-ckpt", quantization="nf4-dq", kernels="unsloth")
@@ -251,7 +254,7 @@ def targets(records: list[Record]) -> str:
 FINETUNE_COLUMNS = [
     *("model", "recipe", "run", "attention", "kernels", "gradient_checkpointing", "checkpointed_layers"),
     *("padding_share", "steps", "reviews_per_s", "baseline_reviews_per_s", "ratio_vs_baseline", "gpu_util_pct"),
-    "peak_vram_gib",
+    *("peak_vram_gib", "note"),
 ]
 
 

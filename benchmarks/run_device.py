@@ -10,6 +10,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
     python3 benchmarks/run_device.py llama --ablation 3
     python3 benchmarks/run_device.py llama deepseek --together 60
     python3 benchmarks/run_device.py llama --peer 30
+    python3 benchmarks/run_device.py deepseek --offload 20 --budget-gib 8
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
@@ -27,6 +28,9 @@ workers of `dvc queue start -j 2` run them on a one-GPU host); no scoring.
 --peer N measures the project against its peer at each memory budget of PEER_BUDGETS: per model, the baseline, then
 N steps of the finetune stage at each budget, then benchmarks/peer.py (Unsloth) on the same tokenized reviews at the
 same budgets (its wheels installed apart, in $PEER_SITE: they pin an older `datasets`); no scoring.
+
+--offload N measures execution.offload_checkpoints: per model, the baseline, then N steps of the finetune stage at
+--budget-gib with offloading auto (on where every layer checkpointed would not fit), then off; no scoring.
 
 --ablation N re-measures the paper's Table 3 instead: per model, both baselines (micro-batch 16, and the paper's
 1 x 16), then N steps of the paper's recipe (profiles/paper.yaml) and of that recipe with one technique changed
@@ -206,6 +210,18 @@ def together(keys: list[str], profiles: list[Path], steps: int) -> None:
 PEER_BUDGETS = (8.0, 12.0, 16.0, 24.0, None)  # GiB; None: the whole GPU
 
 
+def offload(key: str, profiles: list[Path], steps: int, budget_gib: float) -> None:
+    baseline(key, 16, 1, 4)
+    data = {"train_size": 16 * steps, "test_size": 64}
+    write_params(key, profiles, data=data, train={"steps": steps})
+    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
+        stage(name, *args, tag=f"{name}_{key}")
+    for way in ("auto", False):
+        execution = {"memory_budget_gib": budget_gib, "offload_checkpoints": way}
+        write_params(key, profiles, data=data, train={"steps": steps}, execution=execution)
+        finetune(key, f"offload-{way or 'off'}")
+
+
 def peer(key: str, profiles: list[Path], steps: int) -> None:
     """The project and Unsloth at each budget on the same N steps of reviews (steady_reviews_per_s: after 2 steps)."""
     baseline(key, 16, 1, 4)
@@ -294,6 +310,7 @@ def main() -> None:
     parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
     parser.add_argument("--together", type=int, default=0, help="N steps per model: alone, then both at once")
     parser.add_argument("--peer", type=int, default=0, help="N steps per budget: the project, then Unsloth")
+    parser.add_argument("--offload", type=int, default=0, help="N steps at --budget-gib, offloading auto then off")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -316,6 +333,9 @@ def main() -> None:
             continue
         if args.peer:
             peer(key, profiles, args.peer)
+            continue
+        if args.offload:
+            offload(key, profiles, args.offload, args.budget_gib)
             continue
         if not baseline_last:
             baseline(key, 16, 1, 4)
