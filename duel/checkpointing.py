@@ -63,13 +63,17 @@ def checkpointed_layers(model: Any) -> int:
     return sum(layer.gradient_checkpointing for layer in decoder_layers(model))
 
 
-def switch_on_checkpointing(model: Any) -> bool:
-    """Turn gradient checkpointing on in every decoder layer of a model being trained; False if it was already."""
+def switch_on_checkpointing(model: Any, offload: bool = False) -> str | None:
+    """Keep less memory in a model being trained, the next way: gradient checkpointing in every decoder layer, then
+    (when `offload` allows) their inputs in host memory; what it did, or None when there is nothing left to do."""
     layers = len(decoder_layers(model))
-    if checkpointed_layers(model) == layers:
-        return False
-    set_checkpointed_layers(model, layers)
-    return True
+    if checkpointed_layers(model) < layers:
+        set_checkpointed_layers(model, layers, offload=offloaded_layers(model) > 0)
+        return "gradient checkpointing on"
+    if offload and offloaded_layers(model) < layers:
+        set_checkpointed_layers(model, layers, offload=True)
+        return "checkpointed layers' inputs offloaded to host memory"
+    return None
 
 
 # Activations one decoder layer keeps for the backward pass when it is not recomputed, per token, in bytes. Measured

@@ -174,7 +174,8 @@ class ExecutionParams:
     """Recompute activations in the backward pass (less memory, about a third more compute). auto: on a GPU, in the
     fewest decoder layers that let the run's largest micro-batch fit memory_budget_gib (else the GPU's memory), by a
     per-layer memory model measured on the H200 (none on the H200 without a budget, 26-28 of 30-32 at 16 GiB); on a
-    CPU, in all. Either way an out-of-memory error switches it on in all layers before the micro-batch is halved."""
+    CPU, in all. Either way an out-of-memory error switches it on in all layers, then offloads their inputs (unless
+    offload_checkpoints is false), before the micro-batch is halved."""
     offload_checkpoints: bool | Literal["auto"]
     """Checkpointed layers keep their input in host memory until the backward pass (pinned; copied back to recompute
     the layer): the checkpoints' memory, 2 bytes x hidden per token and layer, leaves the GPU for a copy each way.

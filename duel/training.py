@@ -380,13 +380,13 @@ def train_with_backoff(
     batch_size: int,
     micro_batch: int,
     resume: str | None,
-    switch_on_checkpointing: Callable[[], bool] = lambda: False,
+    switch_on_checkpointing: Callable[[], str | None] = lambda: None,
 ) -> BackoffResult:
-    """Train, and on a CUDA out-of-memory error save memory and go on from the last completed step: first by
-    switching gradient checkpointing on (when `switch_on_checkpointing()` says it was off), then by halving the
-    micro-batch (more accumulation passes keep the effective batch the same). The last completed step's state
-    (adapter, optimizer, scheduler, RNG, data position) is saved as a checkpoint, in the Trainer's own format, and a
-    new Trainer resumes from it.
+    """Train, and on a CUDA out-of-memory error save memory and go on from the last completed step: first by keeping
+    fewer activations (`switch_on_checkpointing()`: checkpointing on in every layer, then offloaded; it says what it
+    did, None when nothing was left), then by halving the micro-batch (more accumulation passes keep the effective
+    batch the same). The last completed step's state (adapter, optimizer, scheduler, RNG, data position) is saved as
+    a checkpoint, in the Trainer's own format, and a new Trainer resumes from it.
 
     `build(micro_batch)` makes a Trainer; `resume` is a checkpoint to start from (or None).
     """
@@ -404,7 +404,8 @@ def train_with_backoff(
                 ) from None
             pass  # handled below, once the traceback (and the activations its frames hold) is released
         step = trainer.state.global_step
-        checkpointing_was_off = switch_on_checkpointing()
+        switched = switch_on_checkpointing()
+        checkpointing_was_off = switched is not None
         if micro_batch == 1 and not checkpointing_was_off:
             raise TrainingError(
                 f"train: out of GPU memory at micro-batch 1 (step {step + 1}); lower data.max_length, set "
@@ -421,7 +422,7 @@ def train_with_backoff(
         if not checkpointing_was_off:
             micro_batch = max(d for d in range(1, micro_batch // 2 + 1) if batch_size % d == 0)
         retries += 1
-        change = "gradient checkpointing on" if checkpointing_was_off else f"micro-batch {micro_batch}"
+        change = switched if checkpointing_was_off else f"micro-batch {micro_batch}"
         print(f"train: out of GPU memory at step {step + 1}; going on from step {step} with {change}")
 
 
@@ -512,7 +513,7 @@ def fine_tune(
         params.train.batch_size,
         params.execution.micro_batch,
         str(resume) if resume else None,
-        lambda: switch_on_checkpointing(model),
+        lambda: switch_on_checkpointing(model, offload=params.execution.offload_checkpoints is not False),
     )
     seconds = watch.elapsed_s()
     check_finite_weights(model, params)

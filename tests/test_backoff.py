@@ -88,7 +88,7 @@ def run(params: Params, out: Path, oom: FakeOom | None, checkpointing_switch: bo
             compute_loss_func=answer_loss,
         )
 
-    switch = (lambda: switch_on_checkpointing(model)) if checkpointing_switch else (lambda: False)
+    switch = (lambda: switch_on_checkpointing(model)) if checkpointing_switch else (lambda: None)
     return model, train_with_backoff(build, params.train.batch_size, params.execution.micro_batch, None, switch)
 
 

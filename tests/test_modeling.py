@@ -154,9 +154,14 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
 
     checkpointing.set_checkpointed_layers(model, 1)
     assert [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)] == [True, False]
-    assert checkpointing.switch_on_checkpointing(model)  # some layers off: all on now
+    assert checkpointing.switch_on_checkpointing(model) == "gradient checkpointing on"  # some layers off: all on now
     assert [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)] == [True, True]
-    assert not checkpointing.switch_on_checkpointing(model)
+    assert checkpointing.switch_on_checkpointing(model) is None  # offloading not allowed: nothing left
+    assert "offloaded" in checkpointing.switch_on_checkpointing(model, offload=True)
+    assert (
+        checkpointing.offloaded_layers(model) == 2
+        and checkpointing.switch_on_checkpointing(model, offload=True) is None
+    )
 
 
 def test_misspelled_lora_target_is_refused_with_the_names_there_are() -> None:
