@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from duel.claims import newest_ablation, table3_markdown
+from duel.claims import PEER_COLUMNS, newest_ablation, peer_rows, table3_markdown
 
 BENCH = Path(__file__).resolve().parent
 RUN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-call(\d+)")
@@ -285,33 +285,9 @@ def shared_gpu(records: list[Record]) -> str:
     return table(rows, SHARED_GPU_COLUMNS)
 
 
-PEER_COLUMNS = ["model", "budget_gib", "run", "project", "unsloth", "plain stack", "project / unsloth"]
-PEER_COLUMNS.append("project / plain")
-
-
-def figure(r: Record) -> str:
-    way = f", mb {r.micro_batch} after {r.oom_retries} OOM" if r.oom_retries else ""
-    way = f", mb {r.micro_batch}" + ("" if r.gradient_checkpointing else ", no ckpt") if r.stage == "peer" else way
-    return f"{r.steady_reviews_per_s:.1f} ({r.peak_vram_gib:.1f} GiB, {r.gpu_util_pct:.0f}% busy{way})"
-
-
 def peers(records: list[Record]) -> str:
-    """The newest peer call per model, budget by budget: the project, the peer's fastest way, the plain stack."""
-    rows = []
-    for model in sorted({r.model for r in records if r.stage == "peer"}):
-        run = newest([r for r in records if r.stage == "peer" and r.model == model]).run
-        mine = [r for r in records if (r.run, r.model) == (run, model)]
-        plain = next(r for r in mine if r.recipe == "baseline-mb16x1")
-        for budget in dict.fromkeys(r.memory_budget_gib for r in mine if r.stage == "peer"):
-            project = next(r for r in mine if (r.recipe, r.memory_budget_gib) == ("budget", budget))
-            ways = [r for r in mine if r.stage == "peer" and r.memory_budget_gib == budget]
-            peer = max(ways, key=lambda r: r.steady_reviews_per_s)
-            fits, gib = budget is None or plain.peak_vram_gib <= budget, plain.peak_vram_gib
-            plain_figure = f"{plain.steady_reviews_per_s:.1f} ({gib:.1f} GiB)" if fits else f"needs {gib} GiB"
-            ratios = [f"{project.steady_reviews_per_s / r.steady_reviews_per_s:.2f}x" for r in (peer, plain)]
-            figures = [budget or "whole GPU", run, figure(project), figure(peer), plain_figure]
-            rows.append(dict(zip(PEER_COLUMNS, [model, *figures, ratios[0], ratios[1] if fits else None], strict=True)))
-    return table(rows, PEER_COLUMNS)
+    """Budget by budget, the project against its peer and the plain stack (duel.claims renders it for the report)."""
+    return table(peer_rows([dataclasses.asdict(r) for r in records]), PEER_COLUMNS)
 
 
 def ablation(records: list[Record]) -> str:

@@ -53,10 +53,42 @@ class Claim:
     why: str
 
 
-def read_ablation(path: Path = RECORDS) -> dict[str, dict[str, dict[str, Any]]]:
-    """newest_ablation of benchmarks/records.jsonl; empty when there is none."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    return newest_ablation([json.loads(line) for line in lines])
+def read_records(path: Path = RECORDS) -> list[dict[str, Any]]:
+    """benchmarks/records.jsonl; empty when there is none."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+PEER_COLUMNS = ["model", "budget_gib", "run", "project", "unsloth", "plain stack", "project / unsloth"]
+PEER_COLUMNS.append("project / plain")
+
+
+def figure(r: dict[str, Any]) -> str:
+    """Steady reviews/s with the memory, utilization and way of a fine-tune or peer record."""
+    way = f", mb {r['micro_batch']} after {r['oom_retries']} OOM" if r["oom_retries"] else ""
+    if r["stage"] == "peer":
+        way = f", mb {r['micro_batch']}" + ("" if r["gradient_checkpointing"] else ", no ckpt")
+    return f"{r['steady_reviews_per_s']:.1f} ({r['peak_vram_gib']:.1f} GiB, {r['gpu_util_pct']:.0f}% busy{way})"
+
+
+def peer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model, the newest call that ran the peer (benchmarks/run_device.py --peer), budget by budget: the project's
+    fine-tune, the peer's fastest way within the budget, the plain stack (its one configuration, where it fits)."""
+    rows = []
+    for model in sorted({r["model"] for r in records if r["stage"] == "peer"}):
+        run = max(r["run"] for r in records if r["stage"] == "peer" and r["model"] == model)
+        mine = [r for r in records if (r["run"], r["model"]) == (run, model)]
+        plain = next(r for r in mine if r["recipe"] == "baseline-mb16x1")
+        for budget in dict.fromkeys(r["memory_budget_gib"] for r in mine if r["stage"] == "peer"):
+            project = next(r for r in mine if (r["recipe"], r["memory_budget_gib"]) == ("budget", budget))
+            ways = [r for r in mine if r["stage"] == "peer" and r["memory_budget_gib"] == budget]
+            peer = max(ways, key=lambda r: r["steady_reviews_per_s"])
+            gib, speed = plain["peak_vram_gib"], plain["steady_reviews_per_s"]
+            fits = budget is None or gib <= budget
+            ratios = [f"{project['steady_reviews_per_s'] / s:.2f}x" for s in (peer["steady_reviews_per_s"], speed)]
+            plain_figure = f"{speed:.1f} ({gib:.1f} GiB)" if fits else f"needs {gib} GiB"
+            figures = [budget or "whole GPU", run, figure(project), figure(peer), plain_figure]
+            rows.append(dict(zip(PEER_COLUMNS, [model, *figures, ratios[0], ratios[1] if fits else None], strict=True)))
+    return rows
 
 
 def newest_ablation(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -251,9 +251,10 @@ def claims_section(
     paired_rows: list[Comparison],
     losses: dict[str, pd.Series],
     ablation: dict[str, dict[str, dict[str, Any]]],
+    peers: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Each measurable claim of the paper beside this run's measurement and a verdict (duel/claims.py), then its
-    Table 3 as re-measured on a GPU by the benchmarks."""
+    Table 3 as re-measured on a GPU by the benchmarks, and the benchmarks' peer table (duel.claims.peer_rows)."""
     random_weights = {key for key, base in bases.items() if base["source"] == "random"}
     duel = next(
         (c for c in paired_rows if c.challenger == "deepseek fine-tuned" and c.baseline == "llama fine-tuned"), None
@@ -284,6 +285,13 @@ def claims_section(
         "",
         *table3_markdown(ablation),
         "",
+        "### Against Unsloth, budget by budget",
+        "",
+        "Measured on H200s with random weights, not by this run (`benchmarks/run_device.py --peer`): this project's "
+        "fine-tune and Unsloth's on the same reviews, steady reviews/s after 2 steps (`benchmarks/README.md`).",
+        "",
+        pd.DataFrame(peers).to_markdown(index=False) if peers else "No peer measurement in benchmarks/records.jsonl.",
+        "",
     ]
 
 
@@ -298,11 +306,12 @@ def report_markdown(
     predictions: dict[str, dict[str, pd.DataFrame]],
     losses: dict[str, pd.Series],
     ablation: dict[str, dict[str, dict[str, Any]]],
+    peers: list[dict[str, Any]] | None = None,
 ) -> str:
     """reports/report.md: the warning, quality with its intervals beside the paper's claims, the paired comparisons,
     the paper's claims with a verdict each and its Table 3 re-measured, the hardware bill, the data, the resolved
     configuration. `predictions[key][variant]`: that run's predictions.csv; `losses[key]`: its per-step training
-    loss; `ablation`: the re-measured Table 3 (duel.claims.read_ablation)."""
+    loss; `ablation`: the re-measured Table 3 (duel.claims.newest_ablation); `peers`: duel.claims.peer_rows."""
     random = [key for key, base in bases.items() if base["source"] == "random"]
     random_weights = set(random)
     intervals = {
@@ -338,7 +347,7 @@ def report_markdown(
         "",
         *(f"- {conclusion(c)}" for c in paired_rows),
         "",
-        *claims_section(params, bases, finetune, evaluate, intervals, paired_rows, losses, ablation),
+        *claims_section(params, bases, finetune, evaluate, intervals, paired_rows, losses, ablation, peers),
         "## What the hardware paid (fine-tuning)",
         "",
         *hardware_table(finetune),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from duel import cli
-from duel.claims import read_ablation
+from duel.claims import newest_ablation, peer_rows, read_records
 from duel.figures import FOLDER, ModelRun, read_series, write_figures
 from duel.io import atomic_dir, read_json
 from duel.params import load_params
@@ -60,8 +60,10 @@ def main() -> None:
         write_figures(out, runs, params.data.label_words)
     with atomic_dir("reports") as out:
         losses = {run.key: run.series["loss"]["loss"] for run in runs if "loss" in run.series}
+        records = read_records()  # benchmarks/records.jsonl: the GPU measurements the report quotes
+        ablation, peers = newest_ablation(records), peer_rows(records)
         text = report_markdown(
-            params, bases, reviews, source, tokenize, finetune, evaluate, predictions, losses, read_ablation()
+            params, bases, reviews, source, tokenize, finetune, evaluate, predictions, losses, ablation, peers
         )
         (out / "report.md").write_text(text)
     print(f"report: reports/report.md ({len(keys)} models), figures in {FOLDER}/")
