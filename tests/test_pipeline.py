@@ -91,13 +91,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def reruns(demo: tuple[Path, str]) -> dict[str, str]:
-    """DVC's logs of two experiments in a row after the demo, each changing one kind of param."""
+def rerun(demo: tuple[Path, str]) -> str:
+    """DVC's log of an experiment after the demo that changes LoRA's rank and the prompt."""
     repo, _ = demo
-    return {
-        "lora": run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8"], repo),
-        "prompt": run(["dvc", "exp", "run", "-S", "data.prompt='Text: {review} Sentiment:'"], repo),
-    }
+    prompt = "data.prompt='Text: {review} Sentiment:'"
+    return run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8", "-S", prompt], repo)
 
 
 def test_demo_is_a_named_experiment_from_another_shared_folder(demo: tuple[Path, str]) -> None:
@@ -173,17 +171,28 @@ def test_demo_report(demo: tuple[Path, str]) -> None:
         assert f"](../plots/report/{figure}.png)" in report  # embedded, relative to the report
 
 
-def test_lora_change_reruns_the_finetunes_and_what_follows(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
-    """Not the data, the base models, the tokens, nor the zero-shot scores: none of them depends on LoRA."""
+def test_lora_change_reaches_the_finetunes_only(demo: tuple[Path, str]) -> None:
+    """Not the data, the base models, the tokens, nor the zero-shot scores: none of them depends on LoRA (the report
+    states every param); DVC then re-runs what follows the fine-tunes."""
     repo, _ = demo
-    assert ran(reruns["lora"]) == ["finetune_llama", "finetune_deepseek", "evaluate", "report"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    status = status_with(repo, "params.yaml", yaml.safe_dump(apply(params, {"lora.r": 2 * params["lora"]["r"]})))
+    assert sorted(status) == sorted(["finetune_llama", "finetune_deepseek", "report"])
+    assert all({"changed deps": {"params.yaml": {"lora": "modified"}}} in status[s] for s in status if s != "report")
+
+
+def test_lora_and_prompt_change_rerun_the_tokens_and_everything_after(demo: tuple[Path, str], rerun: str) -> None:
+    repo, _ = demo
+    assert ran(rerun) == STAGES[3:]
     diff = json.loads(run(["dvc", "exp", "diff", "demo", "rank8", "--json"], repo))
     assert diff["params"]["params.yaml"]["lora.r"] == {"old": 16, "new": 8, "diff": -8}
     metrics = json.loads(run(["dvc", "metrics", "diff", "demo", "--json"], repo))
     assert metrics["metrics/finetune_llama.json"]["llama.trainable_parameters"]["diff"] == -46080  # r 16 -> 8
+    trained_on = read(repo, "models/adapters/llama/training.json")["params"]["data"]["prompt"]
+    assert trained_on == "Text: {review} Sentiment:"  # the adapter scored is the one trained under the new prompt
 
 
-def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], rerun: str) -> None:
     """A scoring param is read by the scoring stages and the report (which states it) only: `dvc status` names
     them and no fine-tune."""
     repo, _ = demo
@@ -196,14 +205,7 @@ def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], reruns: 
     assert {"changed deps": {"params.yaml": {"execution": "modified"}}} in status["report"]  # it reads every param
 
 
-def test_prompt_change_reruns_tokenize_and_everything_after(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
-    repo, _ = demo
-    assert ran(reruns["prompt"]) == STAGES[3:]
-    trained_on = read(repo, "models/adapters/llama/training.json")["params"]["data"]["prompt"]
-    assert trained_on == "Text: {review} Sentiment:"  # the adapter scored is the one trained under the new prompt
-
-
-def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], rerun: str) -> None:
     """duel/attention.py is imported by model loading: both fine-tunes and all scoring depend on it, the rest not."""
     repo, _ = demo
     assert "up to date" in run(["dvc", "status"], repo)
@@ -214,7 +216,7 @@ def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], reruns: di
     assert all({"changed deps": {"duel/attention.py": "modified"}} in status[stage] for stage in status)
 
 
-def test_compare_fits_a_terminal(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+def test_compare_fits_a_terminal(demo: tuple[Path, str], rerun: str) -> None:
     """make compare: the experiments, what differs between them, and each model's headline figures in 200 columns."""
     repo, _ = demo
     shown = run([sys.executable, "-m", "duel.compare"], repo)
@@ -229,7 +231,7 @@ def test_compare_fits_a_terminal(demo: tuple[Path, str], reruns: dict[str, str])
     assert f"{accuracy:.3f}" in workspace and len(demo_row.split()) >= 11
 
 
-def test_seed_study_runs_in_parallel(demo: tuple[Path, str], reruns: dict[str, str]) -> None:
+def test_seed_study_runs_in_parallel(demo: tuple[Path, str], rerun: str) -> None:
     """`make seeds N=2 JOBS=2 ARGS=...`: two queued experiments that differ in seeds.train only, run at once by
     `dvc queue start -j 2` (each in its own copy of the project, where only absolute paths and the environment reach
     ../shared), then aggregated into studies/seeds-train/."""
