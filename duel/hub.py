@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from duel.errors import ModelError
 from duel.io import atomic_dir, read_json, write_json
 from duel.params import ModelParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 VERSIONED = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "dvclive", "flash-attn"]
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -223,13 +226,15 @@ def _random_model(config: Any, seed: int) -> PreTrainedModel:
     """Seeded random bf16 weights, built on the GPU where they fit (initialising 7B weights on a CPU takes minutes;
     in bf16 they take 13.5 GB, more than some GPUs have), else on the CPU. The seed fixes the weights for a given
     device kind; a GPU build and a CPU build differ."""
+    from transformers import AutoModelForCausalLM  # the model classes: seconds of imports the tokenizer never needs
+
     if torch.cuda.is_available():
         torch.manual_seed(seed)
         try:
             with torch.device("cuda"):
                 return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         except torch.OutOfMemoryError:
-            print("download: the random weights do not fit on the GPU; building them on the CPU (slower)")
+            print("base: the random weights do not fit on the GPU; building them on the CPU (slower)")
     torch.manual_seed(seed)
     with torch.device("cpu"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

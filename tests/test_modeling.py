@@ -35,10 +35,12 @@ def test_random_weights_fall_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch, ca
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(hub.torch, "device", Device)
-    monkeypatch.setattr(hub.AutoModelForCausalLM, "from_config", from_config)
+    from transformers import AutoModelForCausalLM  # what hub._random_model imports when it runs
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
     assert hub._random_model(config=None, seed=0) == "model"
     assert built_in == ["cuda", "cpu"]
-    assert "building them on the CPU" in capsys.readouterr().out
+    assert "base: the random weights do not fit on the GPU; building them on the CPU" in capsys.readouterr().out
 
 
 def test_kernels_auto_and_a_missing_liger(monkeypatch: pytest.MonkeyPatch) -> None:
