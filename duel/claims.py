@@ -87,7 +87,7 @@ def peer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratios = [f"{project['steady_reviews_per_s'] / s:.2f}x" for s in (peer["steady_reviews_per_s"], speed)]
             plain_figure = f"{speed:.1f} ({gib:.1f} GiB)" if fits else f"needs {gib} GiB"
             figures = [budget or "whole GPU", run, figure(project), figure(peer), plain_figure]
-            rows.append(dict(zip(PEER_COLUMNS, [model, *figures, ratios[0], ratios[1] if fits else None], strict=True)))
+            rows.append(dict(zip(PEER_COLUMNS, [model, *figures, ratios[0], ratios[1] if fits else "—"], strict=True)))
     return rows
 
 

@@ -165,7 +165,7 @@ def test_demo_report(demo: tuple[Path, str]) -> None:
     assert report.count("| llama | ") >= 3 and report.count("| deepseek | ") >= 3  # quality x2 + hardware
     assert "0.924" in report and "0.85" in report  # the paper's claims are quoted beside ours
     peers = report.split("### Against Unsloth, budget by budget")[1]  # from benchmarks/records.jsonl
-    assert "| llama " in peers and "| deepseek " in peers and "whole GPU" in peers
+    assert "| llama " in peers and "| deepseek " in peers and "whole GPU" in peers and "nan" not in peers
     for figure in ("loss", "memory", "throughput", "accuracy", "confusion", "cost"):
         assert (repo / f"plots/report/{figure}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"](../plots/report/{figure}.png)" in report  # embedded, relative to the report
