@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from project_copy import make_copy, run_stage
+from project_copy import make_copy, ready_to_finetune, run_stage
 
 from duel.io import write_json, write_with
 
@@ -49,12 +49,21 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def loss_curve(base: Path, overrides: dict[str, Any]) -> list[float]:
-    """The per-step training losses of the demo's llama with COMMON and `overrides`, run in a copy under `base`."""
+def prepare(base: Path) -> Path:
+    """A copy under `base` with the demo's llama and COMMON, its download, base and tokenize run: every recipe's
+    fine-tune starts from these tokens and this base model."""
     base.mkdir(parents=True, exist_ok=True)
-    repo = make_copy(base, COMMON | overrides)
-    for stage in (("download",), ("base", "llama"), ("tokenize",), ("finetune", "llama")):
+    repo = make_copy(base, COMMON)
+    for stage in (("download",), ("base", "llama"), ("tokenize",)):
         run_stage(repo, *stage)
+    return repo
+
+
+def loss_curve(prepared: Path, base: Path, overrides: dict[str, Any]) -> list[float]:
+    """The per-step training losses of the fine-tune of a clone of `prepared` (under `base`) with `overrides`."""
+    base.mkdir(parents=True, exist_ok=True)
+    repo = ready_to_finetune(prepared, base, overrides)
+    run_stage(repo, "finetune", "llama")
     series = pd.read_csv(repo / "plots/llama/plots/metrics/loss.tsv", sep="\t")
     assert series["step"].tolist() == list(range(1, STEPS + 1))
     return series["loss"].tolist()
@@ -65,10 +74,9 @@ def largest_difference(a: list[float], b: list[float]) -> float:
 
 
 def main() -> None:
-    curves = {}
-    for name, overrides in RECIPES.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            curves[name] = loss_curve(Path(tmp), overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare(Path(tmp) / "prepared")
+        curves = {name: loss_curve(prepared, Path(tmp) / str(i), o) for i, (name, o) in enumerate(RECIPES.items())}
     largest = largest_difference(curves["default"], curves["paper layout"])
     differences = {
         "paper layout vs default": largest,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import string
 from pathlib import Path
 from typing import Any
@@ -85,5 +86,8 @@ def hub_token() -> str:
 
 @pytest.fixture(scope="session")
 def token_run(tmp_path_factory: pytest.TempPathFactory, hub_token: str) -> StageRun:
-    """The same small pipeline in a second copy, with HF_TOKEN set in the stages' environment."""
-    return run_pipeline(tmp_path_factory.mktemp("with-token"), stage_env({"HF_TOKEN": hub_token}))
+    """The same small pipeline in a second copy, with HF_TOKEN set in the stages' environment; each stage under strace
+    where it is installed (the files it opens are test_dag's)."""
+    base = tmp_path_factory.mktemp("with-token")
+    traces = base / "traces" if shutil.which("strace") else None
+    return run_pipeline(base, stage_env({"HF_TOKEN": hub_token}), traces)

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from dag import import_closure, stage_module, stages
-from project_copy import make_copy, stage_command, stage_env
+from project_copy import PIPELINE, StageRun
 
 # Read by a stage without being a dependency, each for a reason:
 RUNTIME = (
@@ -72,29 +70,24 @@ def covered(path: str, allowed: list[str]) -> bool:
 
 
 @pytest.mark.slow
-def test_every_file_a_stage_reads_is_declared(tmp_path: Path) -> None:
-    """Each stage of dvc.yaml, in order, on a tiny run of Llama-2 (DeepSeek's stages are the same on other files),
-    under strace: every project file or folder it opened for reading is one of its deps or outs (or RUNTIME); so is
-    every folder it lists."""
-    if shutil.which("strace") is None:
+def test_every_file_a_stage_reads_is_declared(token_run: StageRun) -> None:
+    """Each stage of dvc.yaml, in order, on the small run of Llama-2 (DeepSeek's stages are the same on other files),
+    under strace (conftest's token_run): every project file or folder it opened for reading is one of its deps or
+    outs (or RUNTIME); so is every folder it lists."""
+    if token_run.traces is None:
         pytest.fail("strace is needed (apt-get install strace; make test installs it)")
-    small = {"train.steps": 2, "execution.save_steps": 1, "data.train_size": 32, "data.test_size": 16}
-    repo = make_copy(tmp_path, small, models=("llama",)).resolve()
+    repo = token_run.repo.resolve()
+    traced = {" ".join(["python", "-m", f"stages.{stage[0]}", *stage[1:]]): "_".join(stage) for stage in PIPELINE}
     undeclared = {}
     for name, stage in stages(repo).items():
         if name.endswith("_deepseek"):  # Llama-2's stages with the other key (test_each_model_has_the_same_stages)
             continue
-        trace = tmp_path / f"{name}.strace"
-        # --seccomp-bpf: only the traced calls stop the process (4x faster imports under strace than without it)
-        strace = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat", "-o", str(trace)]
-        command = [*strace, *stage_command_of(stage)]
-        done = subprocess.run(command, cwd=repo, env=stage_env(), capture_output=True, text=True)
-        assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
+        assert traced.get(stage["cmd"]) == name, f"{name}: {stage['cmd']} is not among the traced stages"
         allowed = [*declared(stage, "deps"), *declared(stage, "outs"), *declared(stage, "metrics"), *RUNTIME]
         # Outputs are written to a temporary sibling first (.<name>.<random>.tmp), then renamed.
         written = declared(stage, "outs") + declared(stage, "metrics")
         allowed += [str(Path(out).parent / f".{Path(out).name}.") for out in written]
-        opened = files_read(trace, repo) - {ROOT_FOLDER}
+        opened = files_read(token_run.traces / f"{name}.strace", repo) - {ROOT_FOLDER}
         missing = sorted(p for p in opened if not covered(p, allowed) and not temporary(p, allowed))
         if missing:
             undeclared[name] = missing
@@ -108,12 +101,6 @@ def test_each_model_has_the_same_stages() -> None:
     for name in [n for n in graph if n.endswith("_llama")]:
         twin = yaml.safe_dump(graph[name.replace("_llama", "_deepseek")], sort_keys=True)
         assert twin == yaml.safe_dump(graph[name], sort_keys=True).replace("llama", "deepseek"), name
-
-
-def stage_command_of(stage: dict) -> list[str]:
-    """dvc.yaml's `python -m stages.X arg` as the test's interpreter runs it."""
-    words = stage["cmd"].split()
-    return stage_command(words[words.index("-m") + 1].split(".")[1], *words[words.index("-m") + 2 :])
 
 
 def temporary(path: str, allowed: list[str]) -> bool:

@@ -87,23 +87,10 @@ def finetune_metrics(repo: Path) -> dict:
     return json.loads((repo / "metrics/finetune_llama.json").read_text())["llama"]
 
 
-def test_two_processes_learn_what_one_learns(prepared: Path, one_process: Path, tmp_path: Path) -> None:
-    repo = clone(prepared, tmp_path)
-    set_param(repo, "execution", "data_parallel", 2)
-    log = run_stage(repo, "finetune", "llama")
-    assert "finetune llama: 2 data-parallel processes under torchrun" in log
-    assert_same_training(repo, one_process)
-    metrics, reference = finetune_metrics(repo), finetune_metrics(one_process)
-    assert (metrics["steps"], metrics["micro_batch"], metrics["grad_accum"]) == (4, 8, 1)
-    assert reference["grad_accum"] == 2
-    run = json.loads((repo / "models/adapters/llama/training.json").read_text())["run"]
-    assert run["processes"] == 2
-    assert not (repo / "checkpoints/llama").exists()
-
-
 def test_two_processes_resume_after_a_kill(prepared: Path, one_process: Path, tmp_path: Path) -> None:
-    """Every process killed (SIGKILL) after rank 0 saved the step-2 checkpoint: the rerun resumes from it, on both
-    ranks, and ends as one uninterrupted process does."""
+    """The stage started as two processes (execution.data_parallel: 2), every process killed (SIGKILL) after rank 0
+    saved the step-2 checkpoint: the rerun resumes from it, on both ranks, and ends as one uninterrupted process does.
+    (An uninterrupted two-process run is the two-node test's.)"""
     repo = clone(prepared, tmp_path)
     set_param(repo, "execution", "data_parallel", 2)
     state = repo / "checkpoints/llama/checkpoint-2/trainer_state.json"  # the Trainer writes it last
@@ -119,9 +106,16 @@ def test_two_processes_resume_after_a_kill(prepared: Path, one_process: Path, tm
     psutil.wait_procs(family, timeout=30)
     assert not (repo / "metrics/finetune_llama.json").exists(), "finished before the kill; raise train.steps"
     log = run_stage(repo, "finetune", "llama")
+    assert "finetune llama: 2 data-parallel processes under torchrun" in log
     assert log.count("resuming from checkpoints/llama/checkpoint-2 (step 2)") == 2  # each rank
-    assert finetune_metrics(repo)["resumed_from_step"] == 2
     assert_same_training(repo, one_process)
+    metrics, reference = finetune_metrics(repo), finetune_metrics(one_process)
+    assert metrics["resumed_from_step"] == 2
+    assert (metrics["steps"], metrics["micro_batch"], metrics["grad_accum"]) == (4, 8, 1)
+    assert reference["grad_accum"] == 2
+    run = json.loads((repo / "models/adapters/llama/training.json").read_text())["run"]
+    assert run["processes"] == 2
+    assert not (repo / "checkpoints/llama").exists()
 
 
 def free_port() -> int:

@@ -22,7 +22,8 @@ spec.loader.exec_module(recipes_match)
 
 def test_default_and_paper_layout_give_the_same_losses(tmp_path: Path) -> None:
     no_dropout = {"lora.dropout": 0.0}
-    default = recipes_match.loss_curve(tmp_path / "default", no_dropout)
-    paper = recipes_match.loss_curve(tmp_path / "paper", recipes_match.PAPER_LAYOUT | no_dropout)
+    prepared = recipes_match.prepare(tmp_path / "prepared")
+    default = recipes_match.loss_curve(prepared, tmp_path / "default", no_dropout)
+    paper = recipes_match.loss_curve(prepared, tmp_path / "paper", recipes_match.PAPER_LAYOUT | no_dropout)
     assert default[0] - default[-1] > 0.3  # the loss moves, so equal curves mean something
     assert recipes_match.largest_difference(default, paper) < 1e-3

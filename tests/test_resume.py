@@ -18,7 +18,7 @@ from project_copy import (
     StageRun,
     assert_same_adapter,
     clone,
-    make_copy,
+    ready_to_finetune,
     run_stage,
     stage_command,
     stage_env,
@@ -42,13 +42,10 @@ def last_complete_checkpoint(checkpoints: Path) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """A copy whose fine-tune was killed (SIGKILL) right after its first checkpoint; returns it and the step of its
-    newest complete checkpoint."""
-    repo = make_copy(tmp_path_factory.mktemp("crashed"), SMALL_RUN)
-    run_stage(repo, "download")
-    run_stage(repo, "base", "llama")
-    run_stage(repo, "tokenize")
+def crashed(tmp_path_factory: pytest.TempPathFactory, reference_run: StageRun) -> tuple[Path, int]:
+    """The reference run's copy up to its tokens, its fine-tune killed (SIGKILL) right after its first checkpoint;
+    returns it and the step of its newest complete checkpoint."""
+    repo = ready_to_finetune(reference_run.repo, tmp_path_factory.mktemp("crashed"))
     log = repo.parent / "killed.log"
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -72,7 +72,7 @@ def test_resumed_series_holds_every_step_once(repo: Path, reference_run: StageRu
 
 
 def test_checkpoint_of_other_params_is_not_resumed(repo: Path) -> None:
-    kill_after_checkpoint(repo, "--force")  # a run with lora.r 16, killed after a checkpoint
+    kill_after_checkpoint(repo, "--force", "--single-item")  # a run with lora.r 16, killed after a checkpoint
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("  r: 16\n", "  r: 8\n"))
     log = dvc(repo, "repro", "finetune_llama")
