@@ -37,6 +37,11 @@ PIPELINE = [
 ]
 
 
+def stage_name(stage: tuple[str, ...]) -> str:
+    """The dvc.yaml name of a PIPELINE entry: ("base", "llama") -> base_llama."""
+    return "_".join(stage)
+
+
 @dataclass(frozen=True)
 class StageRun:
     repo: Path
@@ -166,7 +171,7 @@ def run_pipeline(base: Path, env: dict[str, str] | None = None, traces: Path | N
         traces.mkdir(parents=True, exist_ok=True)
     log = ""
     for stage in PIPELINE:
-        log += run_stage(repo, *stage, env=env, trace=traces / f"{'_'.join(stage)}.strace" if traces else None)
+        log += run_stage(repo, *stage, env=env, trace=traces / f"{stage_name(stage)}.strace" if traces else None)
     return StageRun(repo, log, traces)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from dag import import_closure, stage_module, stages
-from project_copy import PIPELINE, StageRun
+from project_copy import PIPELINE, StageRun, stage_name
 
 # Read by a stage without being a dependency, each for a reason:
 RUNTIME = (
@@ -77,7 +77,7 @@ def test_every_file_a_stage_reads_is_declared(token_run: StageRun) -> None:
     if token_run.traces is None:
         pytest.fail("strace is needed (apt-get install strace; make test installs it)")
     repo = token_run.repo.resolve()
-    traced = {" ".join(["python", "-m", f"stages.{stage[0]}", *stage[1:]]): "_".join(stage) for stage in PIPELINE}
+    traced = {" ".join(["python", "-m", f"stages.{stage[0]}", *stage[1:]]): stage_name(stage) for stage in PIPELINE}
     undeclared = {}
     for name, stage in stages(repo).items():
         if name.endswith("_deepseek"):  # Llama-2's stages with the other key (test_each_model_has_the_same_stages)

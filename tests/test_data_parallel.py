@@ -23,8 +23,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-import yaml
-from project_copy import ADAPTER, clone, make_copy, run_stage, stage_command, stage_env
+from project_copy import ADAPTER, clone, make_copy, run_stage, set_params, stage_command, stage_env
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -59,12 +58,6 @@ def one_process(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return repo
 
 
-def set_param(repo: Path, section: str, key: str, value: object) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def assert_same_training(repo: Path, reference: Path) -> None:
     """The same per-step losses and label-word losses, the same adapter, within the module's tolerances."""
     for name in ("loss", "label_word_loss"):
@@ -92,7 +85,7 @@ def test_two_processes_resume_after_a_kill(prepared: Path, one_process: Path, tm
     saved the step-2 checkpoint: the rerun resumes from it, on both ranks, and ends as one uninterrupted process does.
     (An uninterrupted two-process run is the two-node test's.)"""
     repo = clone(prepared, tmp_path)
-    set_param(repo, "execution", "data_parallel", 2)
+    set_params(repo, {"execution.data_parallel": 2})
     state = repo / "checkpoints/llama/checkpoint-2/trainer_state.json"  # the Trainer writes it last
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     launcher = subprocess.Popen(stage_command("finetune", "llama"), cwd=repo, env=stage_env(), **quiet)

@@ -100,13 +100,10 @@ def test_compiled_layers_follow_the_eager_loss_curve(reference_run: StageRun, tm
     """execution.compile through the whole finetune stage (Trainer, 4-bit LoRA on the CPU, checkpoints, adapter): the
     per-step losses follow the eager run's. Not bit for bit: the compiled code draws LoRA's dropout masks from
     another random generator and sums in another order."""
-    import yaml
-    from project_copy import clone, run_stage
+    from project_copy import clone, run_stage, set_params
 
     repo = clone(reference_run.repo, tmp_path)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["execution"]["compile"] = True
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(repo, {"execution.compile": True})
     log = run_stage(repo, "finetune", "llama")
     assert "compiled layers" in log
     metrics = read_json(StageRun(repo, log), "metrics/finetune_llama.json")["llama"]

@@ -19,10 +19,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
-from project_copy import ROOT, clone, make_copy, run_in_process, run_stage, stage_command, stage_env
-
-from duel.profile import apply
+from project_copy import ROOT, clone, make_copy, run_in_process, run_stage, set_params, stage_command, stage_env
 
 # Rows no CPU run can reach, and the tests that cover them.
 ELSEWHERE = {
@@ -387,8 +384,7 @@ def test_readme_error(name: str, tmp_path: Path, web: str, prepared: Path, capfd
     expected = readme_errors()[case.row][case.message]
     repo = clone(prepared, tmp_path) if case.prepared else make_copy(tmp_path, PREPARED)
     overrides = case.params | (case.source(tmp_path / "input", web) if case.source else {})
-    params = apply(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(repo, overrides)
     if case.damaged:
         (repo / case.damaged).write_bytes(b"not parquet")
     before = outputs(repo)
