@@ -178,6 +178,31 @@ def merge_wanted(execution: ExecutionParams) -> bool:
     return total is None or total >= MERGE_FROM_GIB
 
 
+def dequantize_wanted(execution: ExecutionParams, quantized: bool) -> bool:
+    """execution.dequantize_base resolved for training: auto on CUDA GPUs of at least 40 GiB without a memory
+    budget (a budget asks for the 4-bit base's memory); never without quantization (nothing to dequantize)."""
+    wanted = execution.dequantize_base
+    if not quantized:
+        return False
+    if wanted != "auto":
+        return bool(wanted)
+    total = gpu_memory_gib()
+    return total is not None and total >= MERGE_FROM_GIB and execution.memory_budget_gib is None
+
+
+def base_for_training(base: PreTrainedModel, execution: ExecutionParams, quantized: bool) -> PreTrainedModel:
+    """The loaded base, dequantized once into its compute dtype when dequantize_wanted says so: bitsandbytes'
+    4-bit forward and backward dequantize the weight on every call and then take the plain product, so the loss
+    and gradients stay those of the 4-bit base."""
+    return dequantized(base, quantized) if dequantize_wanted(execution, quantized) else base
+
+
+def base_weights(model: Any) -> str:
+    """How the frozen base's projections are held: 4-bit (bitsandbytes), or unquantized (dequantized or never
+    quantized)."""
+    return "4-bit" if any(type(m).__name__ == "Linear4bit" for m in model.modules()) else "unquantized"
+
+
 def dequantized(base: PreTrainedModel, quantized: bool) -> PreTrainedModel:
     """The 4-bit base as plain linear layers in its compute dtype (transformers' own dequantize), in eval mode."""
     return (base.dequantize() if quantized else base).eval()

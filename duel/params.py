@@ -180,6 +180,11 @@ class ExecutionParams:
     """Checkpointed layers keep their input in host memory until the backward pass (pinned; copied back to recompute
     the layer): the checkpoints' memory, 2 bytes x hidden per token and layer, leaves the GPU for a copy each way.
     auto: when even checkpointing every layer would not fit memory_budget_gib (checkpointed_layer_count)."""
+    dequantize_base: bool | Literal["auto"]
+    """Train against the frozen 4-bit base dequantized once, at the start, into compute_dtype: the same NF4 values
+    in the same matrix products, without a dequantize kernel in every projection's forward and backward pass (fewer
+    kernels for the host to launch), for the unquantized weights' memory (13 GiB for a 7B model instead of 4).
+    auto: on a CUDA GPU of at least 40 GiB when no memory_budget_gib is set."""
     memory_budget_gib: float | None
     """Cap on GPU memory for training (null: the whole GPU), enforced through torch's allocator."""
     logging_steps: int

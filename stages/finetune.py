@@ -33,6 +33,8 @@ from duel.io import atomic_dir, read_json, write_json
 from duel.modeling import (
     add_lora,
     attention_implementation,
+    base_for_training,
+    base_weights,
     check_lora_targets,
     compile_layers,
     kernels_implementation,
@@ -76,6 +78,7 @@ def main() -> None:
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model_params = params.model(key)
     loaded = load_base_model(base, model_params, params, attention, kernels)
+    loaded = base_for_training(loaded, execution, params.quantization.enabled)
     check_lora_targets(loaded, key, model_params.lora_targets)
     model = add_lora(loaded, model_params, params, largest)
     compile_layers(model, execution.compile)
@@ -83,7 +86,8 @@ def main() -> None:
     budget = execution.memory_budget_gib or "the whole GPU"
     print(
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
-        f"{execution.gradient_checkpointing}, memory budget {budget} GiB, largest micro-batch {largest} tokens)"
+        f"{execution.gradient_checkpointing}, memory budget {budget} GiB, largest micro-batch {largest} tokens), "
+        f"base weights {base_weights(model)}"
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])

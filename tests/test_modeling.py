@@ -212,3 +212,61 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
     assert grads.keys() == offloaded_grads.keys() and len(grads) == 12
     for name in grads:
         assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any) -> None:
+    """execution.dequantize_base: LoRA on the base dequantized once computes the loss and LoRA gradients of LoRA on
+    the 4-bit base, dropout masks included (bitsandbytes' CPU kernels round a little differently from a plain fp32
+    product; tests/test_gpu.py checks CUDA's bf16 path), and auto keeps the 4-bit base on a CPU and under a budget."""
+    import dataclasses
+
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from duel.io import write_json
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=128)).save_pretrained(base_dir)
+    write_json(base_dir / "model.json", {"path": str(base_dir)})
+    execution = dataclasses.replace(params.execution, compute_dtype="float32", dequantize_base=True)
+    quantization = dataclasses.replace(params.quantization, enabled=True)
+    small = dataclasses.replace(params, quantization=quantization, execution=execution)
+    batch = {"input_ids": torch.randint(1, 300, (2, 24)), "labels": torch.randint(1, 300, (2, 24))}
+    results = []
+    for dequantize in (False, True):
+        loaded = modeling.load_base_model(base_dir, small.model("llama"), small, "sdpa")
+        if dequantize:
+            loaded = modeling.base_for_training(loaded, execution, quantized=True)
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+        model = get_peft_model(loaded.requires_grad_(False), config)
+        for name, param in model.named_parameters():  # B away from zero, so the adapters shape the gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        assert modeling.base_weights(model) == ("unquantized" if dequantize else "4-bit")
+        model.train()
+        torch.manual_seed(2)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (dequantized_loss, dequantized_grads) = results
+    assert torch.allclose(loss, dequantized_loss, atol=1e-4)
+    assert grads.keys() == dequantized_grads.keys() and len(grads) == 12
+    for name in grads:
+        scale = grads[name].abs().max()
+        assert scale > 0 and (grads[name] - dequantized_grads[name]).abs().max() < 1e-3 * scale, name
+
+    def auto(budget: float | None) -> bool:
+        return modeling.dequantize_wanted(
+            dataclasses.replace(execution, dequantize_base="auto", memory_budget_gib=budget), True
+        )
+
+    assert not auto(None)  # a CPU: the 4-bit base the demo has always trained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling, "gpu_memory_gib", lambda: 80.0)
+        assert auto(None) and not auto(16.0)  # a budget asks for the 4-bit base's memory
+        patch.setattr(modeling, "gpu_memory_gib", lambda: 24.0)
+        assert not auto(None)
+    assert not modeling.dequantize_wanted(execution, quantized=False)  # nothing to dequantize
