@@ -285,6 +285,35 @@ def assert_same_loss_and_grads(reference: tuple[float, dict[str, Any]], other: t
         assert difference < 5e-2, (name, float(difference))
 
 
+def test_dequantized_base_computes_the_4bit_loss_and_gradients(params: Params, base_dir: Path):
+    """execution.dequantize_base: LoRA on the base dequantized once into bf16 against LoRA on the 4-bit base (which
+    dequantizes in every forward and backward pass, then takes the plain product): on a packed batch the loss and
+    the LoRA gradients are the same, dropout masks included, and the base's projections are plain bf16 layers."""
+    from duel.modeling import base_for_training, base_weights
+
+    setup = setup_for(params, RECIPES["packed"])
+    execution = dataclasses.replace(setup.params.execution, dequantize_base=True)
+    dataset = ReviewDataset(reviews_frame(), ANSWERS)
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)([dataset[i] for i in range(len(dataset))])
+    labels = batch.pop("labels").cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    results = {}
+    for dequantize in (False, True):
+        base = load_base_model(base_dir, setup.model, setup.params, ATTENTION)
+        if dequantize:
+            base = base_for_training(base, execution, quantized=True)
+            assert base.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+        torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
+        model = add_lora(base, setup.model, setup.params)
+        assert base_weights(model) == ("unquantized" if dequantize else "4-bit")
+        results[dequantize] = loss_and_lora_grads(model, inputs, labels)
+        del model, base
+    (loss, grads), (dequantized_loss, dequantized_grads) = results[False], results[True]
+    worst = max(float((dequantized_grads[n] - g).abs().max() / g.abs().max()) for n, g in grads.items())
+    print(f"loss {loss} against {dequantized_loss}; largest gradient difference {worst:.3g} of the tensor's largest")
+    assert_same_loss_and_grads(results[False], results[True])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel (requirements-gpu)")
 def test_liger_kernels_compute_the_same_loss_and_gradients(
     params: Params, base_dir: Path, monkeypatch: pytest.MonkeyPatch
