@@ -109,9 +109,10 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         recipe = "budget" if tag.startswith("budget-") else tag  # --peer's budget-<GiB>: the budget is a field
         fields |= {"recipe": recipe, "quantization": data["quantization"] or "none"}
         fields["mfu"] = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)
-        fields["note"] = (
-            f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""
-        )
+        notes = [f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""]
+        dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
+        notes.append("base dequantized" if dequantized else "")
+        fields["note"] = "; ".join(note for note in notes if note)
     elif kind == "peer":  # its own kernels and attention, NF4 with double quantization, offloaded checkpointing
         ckpt, wall_s = data["checkpointing"] != "none", round(data["steps"] * 16 / data["reviews_per_s"], 2)
         fields |= dict(recipe="unsloth" if ckpt else "unsloth-no-ckpt", quantization="nf4-dq", kernels="unsloth")

@@ -6,7 +6,8 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
                                                     [--paper-steps 0] [--profile benchmarks/profiles/h200.yaml]
                                                     [--parallel] [--gpu-tests] [--profile-step]
                                                     [--baseline-last] [--no-default] [--test-size N]
-                                                    [--compiled] [--sweep N]
+                                                    [--compiled]
+    python3 benchmarks/run_device.py llama deepseek --sweep 30 [--variants default,4bit]
     python3 benchmarks/run_device.py llama --ablation 3
     python3 benchmarks/run_device.py llama deepseek --together 60
     python3 benchmarks/run_device.py llama --peer 30
@@ -17,9 +18,8 @@ project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` af
 --baseline-last runs the baseline after the duel's stages (a per-GPU chain of download, tokenize, 200 steps and
 25,000 reviews then fits a 10-minute call); --no-default leaves the 200-step fine-tune out (the budget run's adapter
 is then the one scored); --test-size N scores N test reviews; --profile-step profiles steps 3-5 of the finetune
-stage's own run (duel/profiling.py, into $OUT/profile-<key>/); --sweep N runs N steps of the finetune stage per
-execution variant of SWEEP; --compiled repeats the default and budget fine-tunes with execution.compile (each stage
-process compiles cold).
+stage's own run (duel/profiling.py, into $OUT/profile-<key>/); --compiled repeats the default and budget fine-tunes
+with execution.compile (each stage process compiles cold).
 
 --together N measures one GPU shared by the duel's two fine-tunes: both baselines, then N steps of the default
 recipe for each model alone, one after the other, then the same two fine-tunes started at the same time (as two
@@ -28,6 +28,9 @@ workers of `dvc queue start -j 2` run them on a one-GPU host); no scoring.
 --peer N measures the project against its peer at each memory budget of PEER_BUDGETS: per model, the baseline, then
 N steps of the finetune stage at each budget, then benchmarks/peer.py (Unsloth) on the same tokenized reviews at the
 same budgets (its wheels installed apart, in $PEER_SITE: they pin an older `datasets`); no scoring.
+
+--sweep N measures how the default recipe's steps are executed: per model, the baseline, then N steps of the
+finetune stage per execution variant of SWEEP (or those --variants names), on the same reviews; no scoring.
 
 --offload N measures execution.offload_checkpoints: per model, the baseline, then N steps of the finetune stage at
 --budget-gib with offloading auto (on where every layer checkpointed would not fit), then off; no scoring.
@@ -262,12 +265,22 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "ckpt-all": {"execution": {"gradient_checkpointing": True}},
     "sdpa": {"execution": {"attention": "sdpa"}},
     "no-liger": {"execution": {"kernels": "none"}},
+    "4bit": {"execution": {"dequantize_base": False}},
+    "dequantized": {"execution": {"dequantize_base": True}},
+    "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
+    "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
 }
 
 
-def sweep(key: str, profiles: list[Path], data: dict[str, Any], steps: int) -> None:
-    for variant, sections in SWEEP.items():
-        write_params(key, profiles, data=data, train={"steps": steps}, **sections)
+def sweep(key: str, profiles: list[Path], steps: int, variants: list[str]) -> None:
+    """The baseline, then N steps of the finetune stage per variant, on the same 16 x N training reviews."""
+    baseline(key, 16, 1, 4)
+    data = {"train_size": 16 * steps, "test_size": 64}
+    write_params(key, profiles, data=data, train={"steps": steps})
+    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
+        stage(name, *args, tag=f"{name}_{key}")
+    for variant in variants:
+        write_params(key, profiles, data=data, train={"steps": steps}, **SWEEP[variant])
         finetune(key, f"sweep-{variant}")
 
 
@@ -307,6 +320,7 @@ def main() -> None:
     parser.add_argument("--profile-step", action="store_true", help="profile steps 3-5 of the finetune stage")
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
     parser.add_argument("--sweep", type=int, default=0, help="N steps of the finetune stage per SWEEP variant")
+    parser.add_argument("--variants", default="", help="the SWEEP variants to run, comma-separated (default: all)")
     parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
     parser.add_argument("--together", type=int, default=0, help="N steps per model: alone, then both at once")
     parser.add_argument("--peer", type=int, default=0, help="N steps per budget: the project, then Unsloth")
@@ -337,6 +351,10 @@ def main() -> None:
         if args.offload:
             offload(key, profiles, args.offload, args.budget_gib)
             continue
+        if args.sweep:
+            sweep(key, profiles, args.sweep, args.variants.split(",") if args.variants else list(SWEEP))
+            gpu_tests(key, args)
+            continue
         if not baseline_last:
             baseline(key, 16, 1, 4)
         write_params(key, profiles, data=data)
@@ -347,9 +365,7 @@ def main() -> None:
         }
         if args.profile_step:
             profile_steps(key, profiles, data)
-        if args.sweep:
-            sweep(key, profiles, data, args.sweep)
-        write_params(key, profiles, data=data)  # the default recipe again, after the profile's and sweep's params
+        write_params(key, profiles, data=data)  # the default recipe again, after the profile's params
         if not args.no_default:
             timings["finetune"] = stage("finetune", key, tag=f"finetune_{key}_default")
             emit("finetune", key, "default", finetune_result(key))
@@ -373,11 +389,14 @@ def main() -> None:
             baseline(key, 1, 16, 2)
             write_params(key, [*profiles, Path("profiles/paper.yaml")], train={"steps": args.paper_steps})
             finetune(key, "paper")
-        if args.gpu_tests and key == args.keys[0]:
-            code, _, stdout = call(
-                [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-ra", "tests/test_gpu.py"], "gpu"
-            )
-            emit("gpu_tests", key, "pytest", {"exit": code, "summary": stdout.strip().splitlines()[-1:]})
+        gpu_tests(key, args)
+
+
+def gpu_tests(key: str, args: argparse.Namespace) -> None:
+    """--gpu-tests: `pytest -m gpu` once, after the first model's runs."""
+    if args.gpu_tests and key == args.keys[0]:
+        code, _, stdout = call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-ra", "tests/test_gpu.py"], "gpu")
+        emit("gpu_tests", key, "pytest", {"exit": code, "summary": stdout.strip().splitlines()[-1:]})
 
 
 def run_in_parallel(keys: list[str]) -> None:
