@@ -129,3 +129,20 @@ def ancestors(name: str, upstream: dict[str, set[str]]) -> set[str]:
                 found.add(parent)
                 todo.append(parent)
     return found
+
+
+# The execution keys only scoring reads; a fine-tune reads every other one (duel.params.ExecutionParams).
+SCORING_ONLY = {"eval_batch_size", "merge_adapter"}
+
+
+@pytest.mark.parametrize("name", [name for name in stages() if name.startswith("finetune_")])
+def test_finetune_declares_every_execution_key_it_reads(name: str) -> None:
+    """A new key of how a fine-tune is executed changes its outputs' speed and memory: forgotten under params:,
+    dvc status would call an experiment that sets it unchanged."""
+    import dataclasses
+
+    from duel.params import ExecutionParams
+
+    declared_keys = {p.split(".", 1)[1] for p in stages()[name]["params"] if p.startswith("execution.")}
+    wanted = {field.name for field in dataclasses.fields(ExecutionParams)} - SCORING_ONLY
+    assert wanted - declared_keys == set(), f"{name}: add {sorted(wanted - declared_keys)} to its params in dvc.yaml"
