@@ -139,8 +139,24 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params, max_toke
         task_type="CAUSAL_LM",
     )
     adapted = get_peft_model(base, lora)
+    dequantized_base = params.quantization.enabled and base_weights(adapted) != "4-bit"
+    on_cuda = next(adapted.parameters()).device.type == "cuda"  # the autocast PEFT's 4-bit layer looks at
+    if dequantized_base and on_cuda and params.execution.precision != "fp32":
+        keep_lora_inputs_uncast(adapted)
     set_checkpointed_layers(adapted, *checkpointed_layer_count(adapted, params, max_tokens))
     return adapted
+
+
+def keep_lora_inputs_uncast(model: Any) -> None:
+    """LoRA beside a dequantized base computes as beside the 4-bit layer: under CUDA autocast PEFT leaves the 4-bit
+    layer's input in the compute dtype for the adapter's dropout and products, while beside a plain layer it first
+    casts it to the adapter's fp32 (a kernel more per projection, and dropout then draws its mask for fp32). Beside
+    a 4-bit layer the flag changes nothing."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def check_lora_targets(base: PreTrainedModel, key: str, targets: list[str]) -> None:

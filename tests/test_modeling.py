@@ -214,14 +214,15 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
         assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
 
 
-def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any, precision: str) -> None:
     """execution.dequantize_base: LoRA on the base dequantized once computes the loss and LoRA gradients of LoRA on
-    the 4-bit base, dropout masks included (bitsandbytes' CPU kernels round a little differently from a plain fp32
-    product; tests/test_gpu.py checks CUDA's bf16 path), and auto keeps the 4-bit base on a CPU and under a budget."""
+    the 4-bit base, dropout masks included, in fp32 and under bf16 autocast (bitsandbytes' CPU kernels round a little
+    differently from a plain product; tests/test_gpu.py checks CUDA), and auto keeps the 4-bit base on a CPU and
+    under a budget."""
     import dataclasses
 
     from conftest import tiny_llama_config
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     from duel.io import write_json
@@ -230,9 +231,11 @@ def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any) 
     base_dir = tmp_path / "base"
     LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=128)).save_pretrained(base_dir)
     write_json(base_dir / "model.json", {"path": str(base_dir)})
-    execution = dataclasses.replace(params.execution, compute_dtype="float32", dequantize_base=True)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    execution = dataclasses.replace(params.execution, precision=precision, compute_dtype=dtype, dequantize_base=True)
     quantization = dataclasses.replace(params.quantization, enabled=True)
-    small = dataclasses.replace(params, quantization=quantization, execution=execution)
+    lora = dataclasses.replace(params.lora, dropout=0.1)
+    small = dataclasses.replace(params, quantization=quantization, execution=execution, lora=lora)
     batch = {"input_ids": torch.randint(1, 300, (2, 24)), "labels": torch.randint(1, 300, (2, 24))}
     results = []
     for dequantize in (False, True):
@@ -240,28 +243,28 @@ def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any) 
         if dequantize:
             loaded = modeling.base_for_training(loaded, execution, quantized=True)
         torch.manual_seed(1)
-        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
-        model = get_peft_model(loaded.requires_grad_(False), config)
+        model = modeling.add_lora(loaded, small.model("llama"), small)
         for name, param in model.named_parameters():  # B away from zero, so the adapters shape the gradients
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
         assert modeling.base_weights(model) == ("unquantized" if dequantize else "4-bit")
         model.train()
         torch.manual_seed(2)
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (loss, grads), (dequantized_loss, dequantized_grads) = results
-    assert torch.allclose(loss, dequantized_loss, atol=1e-4)
-    assert grads.keys() == dequantized_grads.keys() and len(grads) == 12
-    for name in grads:
-        scale = grads[name].abs().max()
-        assert scale > 0 and (grads[name] - dequantized_grads[name]).abs().max() < 1e-3 * scale, name
+    rounding = 1e-3  # of the largest gradient: a kernel's rounding, not another dropout mask
+    assert torch.allclose(loss, dequantized_loss, rtol=rounding)
+    assert grads.keys() == dequantized_grads.keys() and len(grads) == 28
+    worst = max(float((dequantized_grads[n] - g).abs().max() / g.abs().max()) for n, g in grads.items())
+    print(f"{precision}: largest gradient difference {worst:.3g} of the tensor's largest")
+    assert worst < rounding
 
     def auto(budget: float | None) -> bool:
-        return modeling.dequantize_wanted(
-            dataclasses.replace(execution, dequantize_base="auto", memory_budget_gib=budget), True
-        )
+        wanted = dataclasses.replace(execution, dequantize_base="auto", memory_budget_gib=budget)
+        return modeling.dequantize_wanted(wanted, True)
 
     assert not auto(None)  # a CPU: the 4-bit base the demo has always trained
     with pytest.MonkeyPatch.context() as patch:
