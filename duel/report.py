@@ -216,6 +216,8 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
     for key, m in finetune.items():
         how = f"micro-batch {m['micro_batch']} x {m['grad_accum']}, {m['padding']}"
         how += f", checkpointing {m['gradient_checkpointing']}"
+        if m.get("base_weights") == "unquantized" and m.get("quantization") not in (None, "none"):
+            how += ", 4-bit base dequantized for training"
         if m.get("oom_retries"):
             how += f", {m['oom_retries']} OOM back-off(s)"
         rows.append(

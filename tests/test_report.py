@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from duel.errors import DataError
-from duel.report import compare, comparisons, conclusion, quality_intervals, quality_table
+from duel.report import compare, comparisons, conclusion, hardware_table, quality_intervals, quality_table
 
 
 def predictions(ids: list[str], labels: list[int], predicted: list[int]) -> pd.DataFrame:
@@ -96,3 +96,15 @@ def test_paper_numbers_beside_random_weights_carry_the_warning():
     (deepseek,) = [row for row in table.splitlines() if row.startswith("| deepseek |")]
     assert "random weights" not in llama
     assert "0.910 (not comparable: random weights) | 0.924 (not comparable: random weights) |" in deepseek
+
+
+def test_hardware_table_says_how_the_base_was_held():
+    """A dequantized base explains a fine-tune's larger peak memory: the table says so, and only for that run."""
+    run = dict(device="NVIDIA H100", steps=200, micro_batch=16, grad_accum=1, padding="packed", train_time_s=80.0)
+    run |= dict(gradient_checkpointing="0 of 32 layers", reviews_per_s=40.0, tokens_per_s=12000, padding_share=0.03)
+    run |= dict(peak_vram_allocated_gib=50.0, peak_vram_reserved_gib=60.0, nvml_peak_gib=62.0, gpu_util_mean_pct=70)
+    run |= dict(energy_j=9000, quantization="nf4-dq")
+    rows = hardware_table({"llama": run | {"base_weights": "unquantized"}, "deepseek": run | {"base_weights": "4-bit"}})
+    assert "4-bit base dequantized for training" in rows[2] and "dequantized" not in rows[3]
+    unquantized = hardware_table({"llama": run | {"base_weights": "unquantized", "quantization": "none"}})
+    assert "dequantized" not in unquantized[2]  # never quantized: nothing was dequantized
