@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import string
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +74,34 @@ def tiny_model(request):
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> StageRun:
-    """The small pipeline (project_copy.SMALL_RUN) run once, uninterrupted, in a copy of the project."""
-    return run_pipeline(tmp_path_factory.mktemp("reference"))
-
-
-@pytest.fixture(scope="session")
 def hub_token() -> str:
     """A fresh fake hub token, in the shape of a real one (hf_ + 34 letters)."""
     return "hf_" + "".join(secrets.choice(string.ascii_letters) for _ in range(34))
 
 
 @pytest.fixture(scope="session")
-def token_run(tmp_path_factory: pytest.TempPathFactory, hub_token: str) -> StageRun:
-    """The same small pipeline in a second copy, with HF_TOKEN set in the stages' environment; each stage under strace
-    where it is installed (the files it opens are test_dag's)."""
+def small_runs(tmp_path_factory: pytest.TempPathFactory, hub_token: str) -> dict[str, StageRun]:
+    """The small pipeline (project_copy.SMALL_RUN) run twice, uninterrupted, each in a copy of the project:
+    "reference" by calling each stage's entry point in the test process, without a hub token; "token" with each
+    stage a process of its own, HF_TOKEN set in its environment, under strace where it is installed (the files it
+    opens are test_dag's). The token run's processes run on a thread meanwhile: a stage process spends most of its
+    time importing, on one core, so the two runs share the machine's two."""
     base = tmp_path_factory.mktemp("with-token")
     traces = base / "traces" if shutil.which("strace") else None
-    return run_pipeline(base, stage_env({"HF_TOKEN": hub_token}), traces)
+    with ThreadPoolExecutor(1) as pool:
+        token = pool.submit(run_pipeline, base, stage_env({"HF_TOKEN": hub_token}), traces)
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # as stage_env: no hub token
+                patch.delenv(name, raising=False)
+            reference = run_pipeline(tmp_path_factory.mktemp("reference"), in_process=True)
+        return {"reference": reference, "token": token.result()}
+
+
+@pytest.fixture(scope="session")
+def reference_run(small_runs: dict[str, StageRun]) -> StageRun:
+    return small_runs["reference"]
+
+
+@pytest.fixture(scope="session")
+def token_run(small_runs: dict[str, StageRun]) -> StageRun:
+    return small_runs["token"]
