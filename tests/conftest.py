@@ -6,7 +6,8 @@ import os
 import secrets
 import shutil
 import string
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,25 @@ def reference_run(small_runs: dict[str, StageRun]) -> StageRun:
 @pytest.fixture(scope="session")
 def token_run(small_runs: dict[str, StageRun]) -> StageRun:
     return small_runs["token"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def started_early(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
+    """Set-ups made of processes only, started on threads when the session's first test starts, where a selected test
+    needs them; name -> its result to come. A stage process spends most of its time importing, on one core: these
+    run on the core the tests leave idle, and are done by the time their tests come.
+    demo: test_pipeline.make_demo (`make demo` in a copy); device_run: test_device_runner.run_device."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    with ThreadPoolExecutor(2) as pool:
+        started = {}
+        if "demo" in needed:
+            from test_pipeline import make_demo
+
+            started["demo"] = pool.submit(make_demo, tmp_path_factory.mktemp("clone"))
+        if "device_run" in needed:
+            from test_device_runner import run_device
+
+            started["device_run"] = pool.submit(run_device, tmp_path_factory.mktemp("device"))
+        yield started

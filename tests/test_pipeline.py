@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pandas as pd
@@ -72,11 +73,9 @@ def read(repo: Path, name: str) -> dict:
     return json.loads((repo / name).read_text())
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A copy of the working tree, committed, with `make demo SHARED=<another folder>` run in it (the project's
-    virtual environment reused as it is)."""
-    base = tmp_path_factory.mktemp("clone")
+def make_demo(base: Path) -> tuple[Path, str]:
+    """A copy of the working tree under `base`, committed, with `make demo SHARED=<another folder>` run in it (the
+    project's virtual environment reused as it is); the copy and make's output."""
     repo = copy_sources(base)
     (base / "elsewhere").symlink_to(SHARED)  # the shared folder under another name, as a user may have it
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -88,6 +87,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     venv = ROOT / ".venv"
     log = run(["make", "-o", str(venv / ".installed"), "demo", f"SHARED={base / 'elsewhere'}", f"VENV={venv}"], repo)
     return repo, log
+
+
+@pytest.fixture(scope="module")
+def demo(started_early: dict[str, Future]) -> tuple[Path, str]:
+    """make_demo's copy: processes only, started with the session (conftest.started_early)."""
+    return started_early["demo"].result()
 
 
 @pytest.fixture(scope="module")
