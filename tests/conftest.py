@@ -115,14 +115,15 @@ def started_early(
     """Set-ups made of processes only, started on threads when the session's first test starts, where a selected test
     needs them; name -> its result to come. A stage process spends most of its time importing, on one core: these
     run on the core the tests leave idle, and are done by the time their tests come.
-    demo: test_pipeline.make_demo (`make demo` in a copy); device_run: test_device_runner.run_device."""
+    test_pipeline.start_experiments: `make demo` and the experiments after it, each in a copy; device_run:
+    test_device_runner.run_device."""
     needed = {name for item in request.session.items for name in item.fixturenames}
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(4) as pool:
         started = {}
-        if "demo" in needed:
-            from test_pipeline import make_demo
+        if needed & {"demo", "rerun", "seed_study"}:
+            from test_pipeline import start_experiments
 
-            started["demo"] = pool.submit(make_demo, tmp_path_factory.mktemp("clone"))
+            started |= start_experiments(pool, tmp_path_factory, needed)
         if "device_run" in needed:
             from test_device_runner import run_device
 
