@@ -20,6 +20,12 @@ IMDB = SHARED / "data" / "imdb"
 # Set before transformers is imported anywhere, so the hub client reads them: tokenizers come from the cache only.
 os.environ["HF_HUB_CACHE"] = str(SHARED / "hf" / "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Idle OpenMP threads sleep instead of spinning, here and in every process the tests start (they inherit it; set before
+# torch is imported): stage processes run beside each other and beside the tests on few cores, and a thread that spins
+# at a barrier while its partner waits for a core burns the core the partner needs. Two 12-step fine-tunes at once
+# on 2 cores: 45 s and 85 CPU-seconds spinning, 25 s and 45 passive; alone, the same 19 s. What each thread computes,
+# and so every result, is the same.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from project_copy import StageRun, committed_params, run_pipeline, stage_env  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
