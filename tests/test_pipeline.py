@@ -73,10 +73,10 @@ def read(repo: Path, name: str) -> dict:
     return json.loads((repo / name).read_text())
 
 
-def make_demo(base: Path, snapshots: list[Path]) -> tuple[Path, str]:
+def make_demo(base: Path, snapshot: Path) -> tuple[Path, str]:
     """A copy of the working tree under `base`, committed, with `make demo SHARED=<another folder>` run in it (the
     project's virtual environment reused as it is); the copy and make's output. A clone of it as the demo leaves it
-    goes under each of `snapshots`, for the experiments after the demo, before a test reads or edits the copy."""
+    goes under `snapshot`, for the experiments after the demo, before a test reads or edits the copy."""
     repo = copy_sources(base)
     (base / "elsewhere").symlink_to(SHARED)  # the shared folder under another name, as a user may have it
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -87,25 +87,28 @@ def make_demo(base: Path, snapshots: list[Path]) -> tuple[Path, str]:
     # project's editable install at the copy).
     venv = ROOT / ".venv"
     log = run(["make", "-o", str(venv / ".installed"), "demo", f"SHARED={base / 'elsewhere'}", f"VENV={venv}"], repo)
-    for snapshot in snapshots:
-        clone(repo, snapshot)
-        (snapshot / "elsewhere").symlink_to(SHARED)
+    clone(repo, snapshot)
+    (snapshot / "elsewhere").symlink_to(SHARED)
     return repo, log
 
 
-def rerun_after_the_demo(demo: Future, base: Path) -> tuple[Path, str]:
-    """In the clone of the demo under `base` (a make_demo snapshot), once the demo is done: an experiment that
-    changes LoRA's rank and the prompt; the clone and DVC's log."""
+def rerun_after_the_demo(demo: Future, base: Path, snapshot: Path) -> tuple[Path, str]:
+    """In the clone of the demo under `base` (make_demo's snapshot), once the demo is done: an experiment that
+    changes LoRA's rank and the prompt; the clone and DVC's log. A clone of it as the experiment leaves it goes under
+    `snapshot`, for the seed study, before a test reads or edits the clone."""
     demo.result()
     repo = base / "project"
     prompt = "data.prompt='Text: {review} Sentiment:'"
-    return repo, run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8", "-S", prompt], repo)
+    log = run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8", "-S", prompt], repo)
+    clone(repo, snapshot)
+    (snapshot / "elsewhere").symlink_to(SHARED)
+    return repo, log
 
 
-def seed_study_after_the_demo(demo: Future, base: Path) -> tuple[Path, str]:
-    """`make seeds N=2 JOBS=2 ARGS=...` in the clone of the demo under `base` (a make_demo snapshot), once the demo is
+def seed_study_after_the_rerun(rerun: Future, base: Path) -> tuple[Path, str]:
+    """`make seeds N=2 JOBS=2 ARGS=...` in the clone under `base` (rerun_after_the_demo's snapshot), once the rerun is
     done; the clone and make's output."""
-    demo.result()
+    rerun.result()
     repo = base / "project"
     venv = ROOT / ".venv"
     shared = repo.parent / "elsewhere"
@@ -117,14 +120,14 @@ def seed_study_after_the_demo(demo: Future, base: Path) -> tuple[Path, str]:
 def start_experiments(
     pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory, needed: set[str]
 ) -> dict[str, Future]:
-    """The demo, then the experiment after it and the seed study as far as the fixtures `needed` go, each in a clone
-    of the demo of its own, on `pool`'s threads: processes only."""
-    after = {name: tmp_path_factory.mktemp(name) for name in ("rerun", "seed_study") if name in needed}
-    started = {"demo": pool.submit(make_demo, tmp_path_factory.mktemp("clone"), list(after.values()))}
-    if "rerun" in after:
-        started["rerun"] = pool.submit(rerun_after_the_demo, started["demo"], after["rerun"])
-    if "seed_study" in after:
-        started["seed_study"] = pool.submit(seed_study_after_the_demo, started["demo"], after["seed_study"])
+    """The demo, the experiment after it and the seed study after that, as far as the fixtures `needed` go, each in a
+    copy of its own (the next one starts from a clone of the last one's end), on `pool`'s threads: processes only."""
+    bases = [tmp_path_factory.mktemp(name) for name in ("clone", "rerun", "seeds")]
+    started = {"demo": pool.submit(make_demo, bases[0], bases[1])}
+    if needed & {"rerun", "seed_study"}:
+        started["rerun"] = pool.submit(rerun_after_the_demo, started["demo"], bases[1], bases[2])
+    if "seed_study" in needed:
+        started["seed_study"] = pool.submit(seed_study_after_the_rerun, started["rerun"], bases[2])
     return started
 
 
@@ -142,7 +145,7 @@ def rerun(started_early: dict[str, Future]) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def seed_study(started_early: dict[str, Future]) -> tuple[Path, str]:
-    """seed_study_after_the_demo's clone and make's output (started with the session)."""
+    """seed_study_after_the_rerun's clone and make's output (started with the session)."""
     return started_early["seed_study"].result()
 
 
@@ -283,7 +286,7 @@ def test_seed_study_runs_in_parallel(seed_study: tuple[Path, str]) -> None:
     """`make seeds N=2 JOBS=2 ARGS=...`: two queued experiments that differ in seeds.train only, run at once by
     `dvc queue start -j 2` (each in its own copy of the project, where only absolute paths and the environment reach
     ../shared), then aggregated into studies/seeds-train/."""
-    repo, log = seed_study
+    repo, log = seed_study  # after the demo and the rerun
     assert "seeds: queued seed-train1 (seeds.train=1)" in log and "seeds: queued seed-train2" in log
     runs = pd.read_csv(repo / "studies" / "seeds-train" / "runs.csv")
     assert sorted(runs["seed"].unique()) == [1, 2] and set(runs["model"]) == {"llama", "deepseek"}
