@@ -418,6 +418,8 @@ def test_readme_error(
     assert len(errors) == 1, stderr[-3000:]
     message = errors[0].removeprefix("error: ")
     assert re.match(message_pattern(expected), message), f"README: {expected}\nstage:  {message}"
+    if name == "hub-unreachable":  # a refused connection, not the offline mode the rest of the tests run in
+        assert "(ConnectError)" in message, message
     # Nothing that looks finished: no data, model, adapter, metrics or report beside what the copy held.
     assert {path for path in outputs(repo) - before if not path.startswith(IN_PROGRESS)} == set()
 
