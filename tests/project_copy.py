@@ -3,7 +3,9 @@ subprocess (no DVC). The crash/resume, determinism and secrets tests share it.""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import shutil
 import subprocess
@@ -146,7 +148,7 @@ def run_in_process(repo: Path, stage: str, *args: str) -> int:
     """A stage's entry point called in the test process, as `python -m stages.<stage> args` run in `repo` calls it
     (the same code: a copy's sources are the working tree's), without a new interpreter's seconds of imports; its
     exit status. The caller captures its output (capfd). The hub client reads its environment when imported: a stage
-    that must see another endpoint runs as a process."""
+    that must see another endpoint gets it through the client's constants (test_error_paths.hub_client_online)."""
     from duel import cli
 
     module = importlib.import_module(f"stages.{stage}")
@@ -163,15 +165,38 @@ def run_in_process(repo: Path, stage: str, *args: str) -> int:
     return 0
 
 
-def run_pipeline(base: Path, env: dict[str, str] | None = None, traces: Path | None = None) -> StageRun:
-    """Every stage of a SMALL_RUN copy, in dvc.yaml's order; each under strace into traces/<dvc stage name>.strace
-    if `traces` is given (tests/test_dag.py reads them)."""
+def run_stages_in_process(repo: Path, *stages: tuple[str, ...]) -> None:
+    """Each stage's entry point in turn, in the test process (run_in_process); fail the test if one fails (its
+    output is in the test's captured output)."""
+    for stage in stages:
+        assert run_in_process(repo, *stage) == 0, f"{' '.join(stage)} failed in {repo}"
+
+
+def run_stage_in_process(repo: Path, stage: str, *args: str) -> str:
+    """run_in_process, failing the test with the stage's output if it fails. Returns what the stage printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = run_in_process(repo, stage, *args)
+    assert code == 0, f"{stage} {args} failed:\n{printed.getvalue()[-3000:]}"
+    return printed.getvalue()
+
+
+def run_pipeline(
+    base: Path, env: dict[str, str] | None = None, traces: Path | None = None, in_process: bool = False
+) -> StageRun:
+    """Every stage of a SMALL_RUN copy, in dvc.yaml's order: each a process of its own, under strace into
+    traces/<dvc stage name>.strace if `traces` is given (tests/test_dag.py reads them); or, `in_process`, each
+    stage's entry point called in the test process."""
     repo = make_copy(base, SMALL_RUN)
     if traces:
         traces.mkdir(parents=True, exist_ok=True)
     log = ""
     for stage in PIPELINE:
-        log += run_stage(repo, *stage, env=env, trace=traces / f"{stage_name(stage)}.strace" if traces else None)
+        if in_process:
+            log += run_stage_in_process(repo, *stage)
+        else:
+            trace = traces / f"{stage_name(stage)}.strace" if traces else None
+            log += run_stage(repo, *stage, env=env, trace=trace)
     return StageRun(repo, log, traces)
 
 

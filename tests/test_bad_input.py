@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from huggingface_hub import constants, file_download, hf_hub_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-from project_copy import make_copy, stage_command, stage_env
+from project_copy import make_copy, run_stages_in_process, stage_command, stage_env
 
 from duel import hub
 from duel import io as duel_io
@@ -316,8 +316,7 @@ def test_unexpected_error_is_one_line_with_the_trace_in_a_file(tmp_path: Path) -
     """A failure no check foresaw (here a data file damaged after download) prints no traceback: one line naming the
     stage, the error and the file that holds the full trace."""
     repo = make_copy(tmp_path, {})
-    for stage in (("download",), ("base", "llama")):
-        subprocess.run(stage_command(*stage), cwd=repo, env=stage_env(), check=True, capture_output=True)
+    run_stages_in_process(repo, ("download",), ("base", "llama"))
     (repo / "data" / "train.parquet").write_bytes(b"not parquet")
     done = subprocess.run(stage_command("tokenize"), cwd=repo, env=stage_env(), capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]

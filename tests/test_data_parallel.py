@@ -23,7 +23,17 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from project_copy import ADAPTER, clone, make_copy, run_stage, set_params, stage_command, stage_env
+from project_copy import (
+    ADAPTER,
+    StageRun,
+    clone,
+    ready_to_finetune,
+    run_stage,
+    run_stage_in_process,
+    set_params,
+    stage_command,
+    stage_env,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -36,25 +46,21 @@ RUN = {
     "execution.micro_batch": 8,
     "execution.data_parallel": 1,
     "lora.dropout": 0.0,
-    "data.train_size": 64,
-    "data.test_size": 16,
 }
 SERIES = Path("plots/llama/plots/metrics")
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy with its data, base model and tokens, ready to fine-tune."""
-    repo = make_copy(tmp_path_factory.mktemp("prepared"), RUN)
-    for stage in (("download",), ("base", "llama"), ("tokenize",)):
-        run_stage(repo, *stage)
-    return repo
+def prepared(tmp_path_factory: pytest.TempPathFactory, reference_run: StageRun) -> Path:
+    """The reference run's copy up to its tokens (its data, base model and tokens), with RUN: ready to fine-tune."""
+    return ready_to_finetune(reference_run.repo, tmp_path_factory.mktemp("prepared"), RUN)
 
 
 @pytest.fixture(scope="module")
 def one_process(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fine-tune as one process: its entry point called in the test process."""
     repo = clone(prepared, tmp_path_factory.mktemp("one"))
-    run_stage(repo, "finetune", "llama")
+    run_stage_in_process(repo, "finetune", "llama")
     return repo
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -15,19 +16,34 @@ from project_copy import copy_sources, stage_env
 pytestmark = pytest.mark.slow
 
 
-def test_device_runner_results_become_records(tmp_path: Path) -> None:
-    repo = copy_sources(tmp_path)
-    out = tmp_path / "out"
+def run_device(base: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """benchmarks/run_device.py in a copy of the working tree under `base`, its results in base/out; the copy and
+    the finished process."""
+    repo = copy_sources(base)
     args = ["llama", "--profile", "profiles/demo.yaml", "--baseline-last", "--budget-gib", "16", "--budget-steps", "4"]
     args += ["--test-size", "40"]
     done = subprocess.run(
         [sys.executable, "benchmarks/run_device.py", *args],
         cwd=repo,
-        env=stage_env({"OUT": str(out)}),
+        env=stage_env({"OUT": str(base / "out")}),
         capture_output=True,
         text=True,
     )
+    return repo, done
+
+
+@pytest.fixture(scope="module")
+def device_run(started_early: dict[str, Future]) -> tuple[Path, subprocess.CompletedProcess]:
+    """run_device's copy and process: processes only, started with the session (conftest.started_early)."""
+    return started_early["device_run"].result()
+
+
+def test_device_runner_results_become_records(
+    device_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    repo, done = device_run
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = repo.parent / "out"
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["tag"]) for r in lines] == [
         ("call", "argv"),

@@ -10,16 +10,16 @@ import http.server
 import importlib.util
 import re
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 import pytest
-from project_copy import ROOT, clone, make_copy, run_in_process, run_stage, set_params, stage_command, stage_env
+from project_copy import ROOT, clone, make_copy, run_in_process, run_stages_in_process, set_params
 
 # Rows no CPU run can reach, and the tests that cover them.
 ELSEWHERE = {
@@ -357,11 +357,26 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
+def hub_client_online(monkeypatch: pytest.MonkeyPatch, endpoint: str, cache: Path) -> None:
+    """The hub client of this process online, at `endpoint`, with the empty cache `cache`: what HF_HUB_OFFLINE=0,
+    HF_ENDPOINT and HF_HUB_CACHE give a new process (the client reads them once, when imported). Its waits between
+    retries of a failed connection (1 + 2 + 4 + 8 + 8 s) are skipped; the retries themselves still run."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # the module's only use of time
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # as stage_env: no hub token
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = make_copy(tmp_path_factory.mktemp("prepared"), PREPARED)
-    for stage in (("download",), ("base", "llama"), ("tokenize",)):
-        run_stage(repo, *stage)
+    run_stages_in_process(repo, ("download",), ("base", "llama"), ("tokenize",))
     return repo
 
 
@@ -377,9 +392,11 @@ def test_every_readme_row_has_a_case() -> None:
             assert f"def {test}(" in (ROOT / path).read_text(), f"{row}: {path}::{test} is gone"
 
 
-@pytest.mark.slow  # 35 stage runs, in the test process but for the hub cases: 1 minute on 2 CPUs
+@pytest.mark.slow  # 35 stage runs, in the test process: 1 minute on 2 CPUs
 @pytest.mark.parametrize("name", list(CASES))
-def test_readme_error(name: str, tmp_path: Path, web: str, prepared: Path, capfd: pytest.CaptureFixture) -> None:
+def test_readme_error(
+    name: str, tmp_path: Path, web: str, prepared: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     case = CASES[name]
     expected = readme_errors()[case.row][case.message]
     repo = clone(prepared, tmp_path) if case.prepared else make_copy(tmp_path, PREPARED)
@@ -389,15 +406,11 @@ def test_readme_error(name: str, tmp_path: Path, web: str, prepared: Path, capfd
         (repo / case.damaged).write_bytes(b"not parquet")
     before = outputs(repo)
 
-    if case.hub or name == "hub-unreachable":  # a process of its own, whose hub client sees this endpoint
-        endpoint = web if case.hub else f"http://127.0.0.1:{closed_port()}"
-        env = stage_env({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path / "hub-cache")})
-        done = subprocess.run(stage_command(*case.stage), cwd=repo, env=env, capture_output=True, text=True)
-        code, stderr = done.returncode, done.stdout + done.stderr
-    else:
-        capfd.readouterr()
-        code = run_in_process(repo, *case.stage)
-        stderr = "".join(capfd.readouterr())
+    if case.hub or name == "hub-unreachable":
+        hub_client_online(monkeypatch, web if case.hub else f"http://127.0.0.1:{closed_port()}", tmp_path / "hub-cache")
+    capfd.readouterr()
+    code = run_in_process(repo, *case.stage)
+    stderr = "".join(capfd.readouterr())
 
     assert code == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -405,6 +418,8 @@ def test_readme_error(name: str, tmp_path: Path, web: str, prepared: Path, capfd
     assert len(errors) == 1, stderr[-3000:]
     message = errors[0].removeprefix("error: ")
     assert re.match(message_pattern(expected), message), f"README: {expected}\nstage:  {message}"
+    if name == "hub-unreachable":  # a refused connection, not the offline mode the rest of the tests run in
+        assert "(ConnectError)" in message, message
     # Nothing that looks finished: no data, model, adapter, metrics or report beside what the copy held.
     assert {path for path in outputs(repo) - before if not path.startswith(IN_PROGRESS)} == set()
 

@@ -8,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from project_copy import copy_sources
+from project_copy import clone, copy_sources
 
 from duel.profile import apply
 
@@ -72,11 +73,10 @@ def read(repo: Path, name: str) -> dict:
     return json.loads((repo / name).read_text())
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A copy of the working tree, committed, with `make demo SHARED=<another folder>` run in it (the project's
-    virtual environment reused as it is)."""
-    base = tmp_path_factory.mktemp("clone")
+def make_demo(base: Path, snapshot: Path) -> tuple[Path, str]:
+    """A copy of the working tree under `base`, committed, with `make demo SHARED=<another folder>` run in it (the
+    project's virtual environment reused as it is); the copy and make's output. A clone of it as the demo leaves it
+    goes under `snapshot`, for the experiments after the demo, before a test reads or edits the copy."""
     repo = copy_sources(base)
     (base / "elsewhere").symlink_to(SHARED)  # the shared folder under another name, as a user may have it
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -87,15 +87,66 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     # project's editable install at the copy).
     venv = ROOT / ".venv"
     log = run(["make", "-o", str(venv / ".installed"), "demo", f"SHARED={base / 'elsewhere'}", f"VENV={venv}"], repo)
+    clone(repo, snapshot)
+    (snapshot / "elsewhere").symlink_to(SHARED)
     return repo, log
 
 
-@pytest.fixture(scope="module")
-def rerun(demo: tuple[Path, str]) -> str:
-    """DVC's log of an experiment after the demo that changes LoRA's rank and the prompt."""
-    repo, _ = demo
+def rerun_after_the_demo(demo: Future, base: Path, snapshot: Path) -> tuple[Path, str]:
+    """In the clone of the demo under `base` (make_demo's snapshot), once the demo is done: an experiment that
+    changes LoRA's rank and the prompt; the clone and DVC's log. A clone of it as the experiment leaves it goes under
+    `snapshot`, for the seed study, before a test reads or edits the clone."""
+    demo.result()
+    repo = base / "project"
     prompt = "data.prompt='Text: {review} Sentiment:'"
-    return run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8", "-S", prompt], repo)
+    log = run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8", "-S", prompt], repo)
+    clone(repo, snapshot)
+    (snapshot / "elsewhere").symlink_to(SHARED)
+    return repo, log
+
+
+def seed_study_after_the_rerun(rerun: Future, base: Path) -> tuple[Path, str]:
+    """`make seeds N=2 JOBS=2 ARGS=...` in the clone under `base` (rerun_after_the_demo's snapshot), once the rerun is
+    done; the clone and make's output."""
+    rerun.result()
+    repo = base / "project"
+    venv = ROOT / ".venv"
+    shared = repo.parent / "elsewhere"
+    make = ["make", "-o", str(venv / ".installed"), "seeds", "N=2", "JOBS=2", f"SHARED={shared}", f"VENV={venv}"]
+    make.append("ARGS=-S train.steps=6")  # a shorter study: what is checked is the study, not the training
+    return repo, run(make, repo)
+
+
+def start_experiments(
+    pool: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory, needed: set[str]
+) -> dict[str, Future]:
+    """The demo, the experiment after it and the seed study after that, as far as the fixtures `needed` go, each in a
+    copy of its own (the next one starts from a clone of the last one's end), on `pool`'s threads: processes only."""
+    bases = [tmp_path_factory.mktemp(name) for name in ("clone", "rerun", "seeds")]
+    started = {"demo": pool.submit(make_demo, bases[0], bases[1])}
+    if needed & {"rerun", "seed_study"}:
+        started["rerun"] = pool.submit(rerun_after_the_demo, started["demo"], bases[1], bases[2])
+    if "seed_study" in needed:
+        started["seed_study"] = pool.submit(seed_study_after_the_rerun, started["rerun"], bases[2])
+    return started
+
+
+@pytest.fixture(scope="module")
+def demo(started_early: dict[str, Future]) -> tuple[Path, str]:
+    """make_demo's copy and make's output (started with the session: conftest.started_early)."""
+    return started_early["demo"].result()
+
+
+@pytest.fixture(scope="module")
+def rerun(started_early: dict[str, Future]) -> tuple[Path, str]:
+    """rerun_after_the_demo's clone and DVC's log (started with the session)."""
+    return started_early["rerun"].result()
+
+
+@pytest.fixture(scope="module")
+def seed_study(started_early: dict[str, Future]) -> tuple[Path, str]:
+    """seed_study_after_the_rerun's clone and make's output (started with the session)."""
+    return started_early["seed_study"].result()
 
 
 def test_demo_is_a_named_experiment_from_another_shared_folder(demo: tuple[Path, str]) -> None:
@@ -181,9 +232,9 @@ def test_lora_change_reaches_the_finetunes_only(demo: tuple[Path, str]) -> None:
     assert all({"changed deps": {"params.yaml": {"lora": "modified"}}} in status[s] for s in status if s != "report")
 
 
-def test_lora_and_prompt_change_rerun_the_tokens_and_everything_after(demo: tuple[Path, str], rerun: str) -> None:
-    repo, _ = demo
-    assert ran(rerun) == STAGES[3:]
+def test_lora_and_prompt_change_rerun_the_tokens_and_everything_after(rerun: tuple[Path, str]) -> None:
+    repo, log = rerun
+    assert ran(log) == STAGES[3:]
     diff = json.loads(run(["dvc", "exp", "diff", "demo", "rank8", "--json"], repo))
     assert diff["params"]["params.yaml"]["lora.r"] == {"old": 16, "new": 8, "diff": -8}
     metrics = json.loads(run(["dvc", "metrics", "diff", "demo", "--json"], repo))
@@ -192,10 +243,10 @@ def test_lora_and_prompt_change_rerun_the_tokens_and_everything_after(demo: tupl
     assert trained_on == "Text: {review} Sentiment:"  # the adapter scored is the one trained under the new prompt
 
 
-def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], rerun: str) -> None:
+def test_scoring_change_reruns_the_scoring_only(rerun: tuple[Path, str]) -> None:
     """A scoring param is read by the scoring stages and the report (which states it) only: `dvc status` names
     them and no fine-tune."""
-    repo, _ = demo
+    repo, _ = rerun
     assert "up to date" in run(["dvc", "status"], repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     status = status_with(repo, "params.yaml", yaml.safe_dump(apply(params, {"execution.eval_batch_size": 25})))
@@ -205,9 +256,9 @@ def test_scoring_change_reruns_the_scoring_only(demo: tuple[Path, str], rerun: s
     assert {"changed deps": {"params.yaml": {"execution": "modified"}}} in status["report"]  # it reads every param
 
 
-def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], rerun: str) -> None:
+def test_editing_a_module_shows_in_dvc_status(rerun: tuple[Path, str]) -> None:
     """duel/attention.py is imported by model loading: both fine-tunes and all scoring depend on it, the rest not."""
-    repo, _ = demo
+    repo, _ = rerun
     assert "up to date" in run(["dvc", "status"], repo)
     status = status_with(repo, "duel/attention.py", (repo / "duel" / "attention.py").read_text() + "\n# edited\n")
     assert sorted(status) == sorted(
@@ -216,9 +267,9 @@ def test_editing_a_module_shows_in_dvc_status(demo: tuple[Path, str], rerun: str
     assert all({"changed deps": {"duel/attention.py": "modified"}} in status[stage] for stage in status)
 
 
-def test_compare_fits_a_terminal(demo: tuple[Path, str], rerun: str) -> None:
+def test_compare_fits_a_terminal(rerun: tuple[Path, str]) -> None:
     """make compare: the experiments, what differs between them, and each model's headline figures in 200 columns."""
-    repo, _ = demo
+    repo, _ = rerun
     shown = run([sys.executable, "-m", "duel.compare"], repo)
     lines = shown.splitlines()
     assert max(map(len, lines)) <= 200, shown
@@ -231,16 +282,11 @@ def test_compare_fits_a_terminal(demo: tuple[Path, str], rerun: str) -> None:
     assert f"{accuracy:.3f}" in workspace and len(demo_row.split()) >= 11
 
 
-def test_seed_study_runs_in_parallel(demo: tuple[Path, str], rerun: str) -> None:
+def test_seed_study_runs_in_parallel(seed_study: tuple[Path, str]) -> None:
     """`make seeds N=2 JOBS=2 ARGS=...`: two queued experiments that differ in seeds.train only, run at once by
     `dvc queue start -j 2` (each in its own copy of the project, where only absolute paths and the environment reach
     ../shared), then aggregated into studies/seeds-train/."""
-    repo, _ = demo
-    venv = ROOT / ".venv"
-    shared = repo.parent / "elsewhere"
-    make = ["make", "-o", str(venv / ".installed"), "seeds", "N=2", "JOBS=2", f"SHARED={shared}", f"VENV={venv}"]
-    make.append("ARGS=-S train.steps=6")  # a shorter study: what is checked is the study, not the training
-    log = run(make, repo)
+    repo, log = seed_study  # after the demo and the rerun
     assert "seeds: queued seed-train1 (seeds.train=1)" in log and "seeds: queued seed-train2" in log
     runs = pd.read_csv(repo / "studies" / "seeds-train" / "runs.csv")
     assert sorted(runs["seed"].unique()) == [1, 2] and set(runs["model"]) == {"llama", "deepseek"}

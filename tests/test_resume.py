@@ -19,7 +19,7 @@ from project_copy import (
     assert_same_adapter,
     clone,
     ready_to_finetune,
-    run_stage,
+    run_stage_in_process,
     stage_command,
     stage_env,
 )
@@ -77,9 +77,9 @@ def test_kill_leaves_checkpoints_and_nothing_finished(crashed: tuple[Path, int])
 
 @pytest.fixture(scope="module")
 def resumed(crashed: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> StageRun:
-    """A clone of the crashed copy, its fine-tune rerun."""
+    """A clone of the crashed copy, its fine-tune rerun (its entry point called in the test process)."""
     repo = clone(crashed[0], tmp_path_factory.mktemp("resumed"))
-    return StageRun(repo, run_stage(repo, "finetune", "llama"))
+    return StageRun(repo, run_stage_in_process(repo, "finetune", "llama"))
 
 
 def test_resume_matches_uninterrupted_run(
@@ -120,6 +120,6 @@ def test_resume_skips_a_checkpoint_killed_mid_save(
     shutil.copytree(repo / CHECKPOINTS / f"checkpoint-{step}", partial)
     (partial / "trainer_state.json").unlink()
 
-    log = run_stage(repo, "finetune", "llama")
+    log = run_stage_in_process(repo, "finetune", "llama")
     assert f"resuming from {CHECKPOINTS}/checkpoint-{step} (step {step})" in log
     assert_same_adapter(repo, reference_run.repo)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from project_copy import SMALL_RUN, StageRun, make_copy, stage_env
+from project_copy import SMALL_RUN, StageRun, make_copy, run_stages_in_process, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,14 @@ def kill_after_checkpoint(repo: Path, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A committed copy (both models: tokenize reads both bases), its stages up to tokenize run by DVC."""
+    """A committed copy (both models: tokenize reads both bases), its stages up to tokenize run (their entry points
+    called in the test process) and recorded in dvc.lock by `dvc commit`, as `dvc repro tokenize` leaves it."""
     repo = make_copy(tmp_path_factory.mktemp("dvc-crash"), SMALL_RUN, models=("llama", "deepseek"))
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     for command in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=repo, check=True)
-    dvc(repo, "repro", "tokenize")
+    run_stages_in_process(repo, ("download",), ("base", "llama"), ("base", "deepseek"), ("tokenize",))
+    dvc(repo, "commit", "--force", "--with-deps", "tokenize")
     return repo
 
 
