@@ -83,10 +83,10 @@ def main() -> None:
     model = add_lora(loaded, model_params, params, largest)
     compile_layers(model, execution.compile)
     layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))}"
-    budget = execution.memory_budget_gib or "the whole GPU"
+    budget = f"{execution.memory_budget_gib:g} GiB" if execution.memory_budget_gib else "none"
     print(
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
-        f"{execution.gradient_checkpointing}, memory budget {budget} GiB, largest micro-batch {largest} tokens), "
+        f"{execution.gradient_checkpointing}, memory budget {budget}, largest micro-batch {largest} tokens), "
         f"base weights {base_weights(model)}"
     )
 
