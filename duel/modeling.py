@@ -181,7 +181,9 @@ def compile_layers(model: Any, wanted: bool) -> None:
             layer.compile(dynamic=True)
 
 
-MERGE_FROM_GIB = 40.0
+# GPUs from this size hold a 7B model's unquantized weights (13 GiB) beside the work: auto merges the adapter into a
+# dequantized base for scoring, and dequantizes the base for training, from here.
+UNQUANTIZED_FROM_GIB = 40.0
 
 
 def merge_wanted(execution: ExecutionParams) -> bool:
@@ -191,7 +193,7 @@ def merge_wanted(execution: ExecutionParams) -> bool:
     if wanted != "auto":
         return bool(wanted)
     total = gpu_memory_gib()
-    return total is None or total >= MERGE_FROM_GIB
+    return total is None or total >= UNQUANTIZED_FROM_GIB
 
 
 def dequantize_wanted(execution: ExecutionParams, quantized: bool) -> bool:
@@ -203,7 +205,7 @@ def dequantize_wanted(execution: ExecutionParams, quantized: bool) -> bool:
     if wanted != "auto":
         return bool(wanted)
     total = gpu_memory_gib()
-    return total is not None and total >= MERGE_FROM_GIB and execution.memory_budget_gib is None
+    return total is not None and total >= UNQUANTIZED_FROM_GIB and execution.memory_budget_gib is None
 
 
 def base_for_training(base: PreTrainedModel, execution: ExecutionParams, quantized: bool) -> PreTrainedModel:
