@@ -213,12 +213,19 @@ def together(keys: list[str], profiles: list[Path], steps: int) -> None:
 PEER_BUDGETS = (8.0, 12.0, 16.0, 24.0, None)  # GiB; None: the whole GPU
 
 
-def offload(key: str, profiles: list[Path], steps: int, budget_gib: float) -> None:
-    baseline(key, 16, 1, 4)
+def prepare_steps(key: str, profiles: list[Path], steps: int) -> dict[str, Any]:
+    """A short call's data: 16 x N training reviews (64 test reviews), through download, base and tokenize; the data
+    section every fine-tune of the call then trains on."""
     data = {"train_size": 16 * steps, "test_size": 64}
     write_params(key, profiles, data=data, train={"steps": steps})
     for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
         stage(name, *args, tag=f"{name}_{key}")
+    return data
+
+
+def offload(key: str, profiles: list[Path], steps: int, budget_gib: float) -> None:
+    baseline(key, 16, 1, 4)
+    data = prepare_steps(key, profiles, steps)
     for way in ("auto", False):
         execution = {"memory_budget_gib": budget_gib, "offload_checkpoints": way}
         write_params(key, profiles, data=data, train={"steps": steps}, execution=execution)
@@ -228,10 +235,7 @@ def offload(key: str, profiles: list[Path], steps: int, budget_gib: float) -> No
 def peer(key: str, profiles: list[Path], steps: int) -> None:
     """The project and Unsloth at each budget on the same N steps of reviews (steady_reviews_per_s: after 2 steps)."""
     baseline(key, 16, 1, 4)
-    data = {"train_size": 16 * steps, "test_size": 64}
-    write_params(key, profiles, data=data, train={"steps": steps})
-    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
-        stage(name, *args, tag=f"{name}_{key}")
+    data = prepare_steps(key, profiles, steps)
     budgets = ",".join(str(b or 0) for b in PEER_BUDGETS)
     env = {"PYTHONPATH": os.pathsep.join([os.environ.get("PEER_SITE", ""), os.environ.get("PYTHONPATH", "")])}
     results = str(OUT / "results.jsonl")
@@ -275,10 +279,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
 def sweep(key: str, profiles: list[Path], steps: int, variants: list[str]) -> None:
     """The baseline, then N steps of the finetune stage per variant, on the same 16 x N training reviews."""
     baseline(key, 16, 1, 4)
-    data = {"train_size": 16 * steps, "test_size": 64}
-    write_params(key, profiles, data=data, train={"steps": steps})
-    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
-        stage(name, *args, tag=f"{name}_{key}")
+    data = prepare_steps(key, profiles, steps)
     for variant in variants:
         write_params(key, profiles, data=data, train={"steps": steps}, **SWEEP[variant])
         finetune(key, f"sweep-{variant}")
@@ -294,10 +295,7 @@ def profile_steps(key: str, profiles: list[Path], data: dict[str, Any]) -> None:
 def ablation(key: str, profiles: list[Path], steps: int) -> None:
     baseline(key, 16, 1, 4)
     baseline(key, 1, 16, 2)
-    data = {"train_size": 16 * steps, "test_size": 64}
-    write_params(key, profiles, data=data)
-    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
-        stage(name, *args, tag=f"{name}_{key}")
+    data = prepare_steps(key, profiles, steps)
     paper = [*profiles, Path("profiles/paper.yaml")]
     for variant, sections in ABLATION.items():
         write_params(key, paper, data=data, train={"steps": steps}, **sections)
