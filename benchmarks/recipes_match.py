@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,14 @@ def prepare(base: Path) -> Path:
     return repo
 
 
-def loss_curve(prepared: Path, base: Path, overrides: dict[str, Any]) -> list[float]:
-    """The per-step training losses of the fine-tune of a clone of `prepared` (under `base`) with `overrides`."""
+def loss_curve(
+    prepared: Path, base: Path, overrides: dict[str, Any], run: Callable[..., str] = run_stage
+) -> list[float]:
+    """The per-step training losses of the fine-tune of a clone of `prepared` (under `base`) with `overrides`, the
+    stage started by `run` (project_copy.run_stage: a process; the tests call its entry point in their process)."""
     base.mkdir(parents=True, exist_ok=True)
     repo = ready_to_finetune(prepared, base, overrides)
-    run_stage(repo, "finetune", "llama")
+    run(repo, "finetune", "llama")
     series = pd.read_csv(repo / "plots/llama/plots/metrics/loss.tsv", sep="\t")
     assert series["step"].tolist() == list(range(1, STEPS + 1))
     return series["loss"].tolist()

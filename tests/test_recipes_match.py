@@ -8,12 +8,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import pytest
 from conftest import REPO
-from project_copy import SMALL_RUN, StageRun, ready_to_finetune, run_stage_in_process
+from project_copy import SMALL_RUN, StageRun, run_stage_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +21,14 @@ sys.modules["recipes_match"] = recipes_match
 spec.loader.exec_module(recipes_match)
 
 
-def loss_curve(prepared: Path, base: Path, overrides: dict[str, Any]) -> list[float]:
-    """recipes_match.loss_curve with the fine-tune's entry point called in the test process."""
-    base.mkdir()
-    repo = ready_to_finetune(prepared, base, overrides)
-    run_stage_in_process(repo, "finetune", "llama")
-    series = pd.read_csv(repo / "plots/llama/plots/metrics/loss.tsv", sep="\t")
-    assert series["step"].tolist() == list(range(1, recipes_match.STEPS + 1))
-    return series["loss"].tolist()
-
-
 def test_default_and_paper_layout_give_the_same_losses(reference_run: StageRun, tmp_path: Path) -> None:
     # The reference run's data, base model and tokens are the ones recipes_match.prepare makes from COMMON.
     assert {key: SMALL_RUN[key] for key in recipes_match.COMMON if key.startswith("data.")} == {
         key: value for key, value in recipes_match.COMMON.items() if key.startswith("data.")
     }
     common = recipes_match.COMMON | {"lora.dropout": 0.0}
-    default = loss_curve(reference_run.repo, tmp_path / "default", common)
-    paper = loss_curve(reference_run.repo, tmp_path / "paper", recipes_match.PAPER_LAYOUT | common)
+    default = recipes_match.loss_curve(reference_run.repo, tmp_path / "default", common, run_stage_in_process)
+    paper_layout = recipes_match.PAPER_LAYOUT | common
+    paper = recipes_match.loss_curve(reference_run.repo, tmp_path / "paper", paper_layout, run_stage_in_process)
     assert default[0] - default[-1] > 0.3  # the loss moves, so equal curves mean something
     assert recipes_match.largest_difference(default, paper) < 1e-3
