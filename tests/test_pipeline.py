@@ -73,6 +73,13 @@ def read(repo: Path, name: str) -> dict:
     return json.loads((repo / name).read_text())
 
 
+def take_snapshot(repo: Path, base: Path) -> None:
+    """A clone of `repo` as it is now under `base` (base/project), with the shared folder beside it under the name the
+    copy's experiments were run with."""
+    clone(repo, base)
+    (base / "elsewhere").symlink_to(SHARED)
+
+
 def make_demo(base: Path, snapshot: Path) -> tuple[Path, str]:
     """A copy of the working tree under `base`, committed, with `make demo SHARED=<another folder>` run in it (the
     project's virtual environment reused as it is); the copy and make's output. A clone of it as the demo leaves it
@@ -87,8 +94,7 @@ def make_demo(base: Path, snapshot: Path) -> tuple[Path, str]:
     # project's editable install at the copy).
     venv = ROOT / ".venv"
     log = run(["make", "-o", str(venv / ".installed"), "demo", f"SHARED={base / 'elsewhere'}", f"VENV={venv}"], repo)
-    clone(repo, snapshot)
-    (snapshot / "elsewhere").symlink_to(SHARED)
+    take_snapshot(repo, snapshot)
     return repo, log
 
 
@@ -100,8 +106,7 @@ def rerun_after_the_demo(demo: Future, base: Path, snapshot: Path) -> tuple[Path
     repo = base / "project"
     prompt = "data.prompt='Text: {review} Sentiment:'"
     log = run(["dvc", "exp", "run", "-n", "rank8", "-S", "lora.r=8", "-S", prompt], repo)
-    clone(repo, snapshot)
-    (snapshot / "elsewhere").symlink_to(SHARED)
+    take_snapshot(repo, snapshot)
     return repo, log
 
 
