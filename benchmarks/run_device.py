@@ -31,6 +31,8 @@ same budgets (its wheels installed apart, in $PEER_SITE: they pin an older `data
 
 --sweep N measures how the default recipe's steps are executed: per model, the baseline, then N steps of the
 finetune stage per execution variant of SWEEP (or those --variants names), on the same reviews; no scoring.
+compiled-cold empties the call's compile cache and compiles into it; compiled-warm starts from it as the runs before
+left it (the same model's, or the other model's: their decoder layers share their code).
 
 --offload N measures execution.offload_checkpoints: per model, the baseline, then N steps of the finetune stage at
 --budget-gib with offloading auto (on where every layer checkpointed would not fit), then off; no scoring.
@@ -95,15 +97,21 @@ def write_params(key: str, profiles: list[Path], **sections: dict[str, Any]) -> 
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
 
 
-def call(cmd: list[str], tag: str, env: dict[str, str] | None = None) -> tuple[int, float, str]:
+# The compile cache the call's warm runs share (SWEEP's compiled-cold fills it afresh, compiled-warm reuses it, across
+# the models and the runner's invocations of one call); every other process compiles cold in a cache of its own.
+CALL_CACHE = Path(tempfile.gettempdir()) / "duel-inductor-call"
+
+
+def call(
+    cmd: list[str], tag: str, env: dict[str, str] | None = None, cache: Path | None = None
+) -> tuple[int, float, str]:
     """Run a command, its stderr streamed into $OUT/log.txt (progress bars show even if the call is cut short)."""
     start = time.perf_counter()
     with (OUT / "log.txt").open("a") as log:
         log.write(f"==== {tag}\n")
         log.flush()
-        # Each process compiles cold (execution.compile): the cost a first run pays, not a cache another run warmed.
-        with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
-            extra = {"TORCHINDUCTOR_CACHE_DIR": cache, **(env or {})}
+        with tempfile.TemporaryDirectory(prefix="inductor-") as own:
+            extra = {"TORCHINDUCTOR_CACHE_DIR": str(cache or own), **(env or {})}
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ | extra)
         seconds = time.perf_counter() - start
         log.write(f"{done.stdout}\n==== {tag}: exit {done.returncode} in {seconds:.1f} s\n")
@@ -164,10 +172,10 @@ def evaluate_result(key: str) -> dict[str, Any]:
     return {key: {"finetuned": read_json("metrics/evaluate.json")[key]}}
 
 
-def finetune(key: str, tag: str) -> float | None:
+def finetune(key: str, tag: str, cache: Path | None = None) -> float | None:
     """The finetune stage of one model, its result emitted when it ends well; the stage process's seconds, None when
     it failed."""
-    code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}")
+    code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}", cache=cache)
     if code:
         return None
     emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds})
@@ -273,6 +281,8 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "dequantized": {"execution": {"dequantize_base": True}},
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
+    "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED},
+    "compiled-warm": {"execution": {"dequantize_base": True} | COMPILED},
 }
 
 
@@ -282,7 +292,9 @@ def sweep(key: str, profiles: list[Path], steps: int, variants: list[str]) -> No
     data = prepare_steps(key, profiles, steps)
     for variant in variants:
         write_params(key, profiles, data=data, train={"steps": steps}, **SWEEP[variant])
-        finetune(key, f"sweep-{variant}")
+        if variant == "compiled-cold":
+            shutil.rmtree(CALL_CACHE, ignore_errors=True)
+        finetune(key, f"sweep-{variant}", CALL_CACHE if variant.startswith("compiled-") else None)
 
 
 def profile_steps(key: str, profiles: list[Path], data: dict[str, Any]) -> None:

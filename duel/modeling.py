@@ -181,6 +181,17 @@ def compile_layers(model: Any, wanted: bool) -> None:
             layer.compile(dynamic=True)
 
 
+def compile_cache_use() -> dict[str, int]:
+    """How the compiled layers' graphs were obtained in this process: from inductor's on-disk cache (a warm start) or
+    compiled afresh (a cold one). The cache is torch's own, in TORCHINDUCTOR_CACHE_DIR (default
+    /tmp/torchinductor_<user>): it persists across runs and stages on a machine, and both models' decoder layers
+    share their code when their shapes match (Llama-2-7B and DeepSeek-LLM-7B do)."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {"graphs_from_cache": inductor["fxgraph_cache_hit"], "graphs_compiled": inductor["fxgraph_cache_miss"]}
+
+
 # GPUs from this size hold a 7B model's unquantized weights (13 GiB) beside the work: auto merges the adapter into a
 # dequantized base for scoring, and dequantizes the base for training, from here.
 UNQUANTIZED_FROM_GIB = 40.0

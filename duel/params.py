@@ -169,7 +169,9 @@ class ExecutionParams:
     """torch.compile each decoder layer for training (regional compilation, dynamic shapes): inductor fuses the
     elementwise work and the step launches fewer kernels from less Python, for a one-off compile at the start of the
     run (benchmarks/README.md: what it paid on the H200). kernels auto is then none (inductor fuses RMSNorm, RoPE
-    and SwiGLU itself); liger cannot be compiled."""
+    and SwiGLU itself); liger cannot be compiled. The compiled code is kept in torch's own cache
+    (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>), so later runs on the machine, and the other
+    model's stage where the layer shapes match, start warm; training.json records how many graphs came from it."""
     gradient_checkpointing: bool | Literal["auto"]
     """Recompute activations in the backward pass (less memory, about a third more compute). auto: on a GPU, in the
     fewest decoder layers that let the run's largest micro-batch fit memory_budget_gib (else the GPU's memory), by a

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from duel.attention import varlen_available
 from duel.evaluation import label_logits, predictions_frame
 from duel.io import write_json
-from duel.modeling import add_lora, load_adapter_for_inference, load_base_model
+from duel.modeling import add_lora, base_for_training, base_weights, load_adapter_for_inference, load_base_model
 from duel.params import ModelParams, Params
 from duel.training import AnswerCollator, ReviewDataset, answer_loss
 
@@ -289,7 +289,6 @@ def test_dequantized_base_computes_the_4bit_loss_and_gradients(params: Params, b
     """execution.dequantize_base: LoRA on the base dequantized once into bf16 against LoRA on the 4-bit base (which
     dequantizes in every forward and backward pass, then takes the plain product): on a packed batch the loss and
     the LoRA gradients are the same, dropout masks included, and the base's projections are plain bf16 layers."""
-    from duel.modeling import base_for_training, base_weights
 
     setup = setup_for(params, RECIPES["packed"])
     execution = dataclasses.replace(setup.params.execution, dequantize_base=True)
@@ -346,14 +345,16 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(
     assert_same_loss_and_grads(results["none"], results["liger"])
 
 
-def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, base_dir: Path):
-    """execution.compile: each decoder layer of the 4-bit LoRA model through torch.compile (bitsandbytes' 4-bit matmul
-    and PEFT's LoRA inside the compiled code, without a graph break); on two packed batches of different widths the
-    loss and the LoRA gradients stay those of eager mode, up to bf16 rounding. No LoRA dropout: compiled code draws
-    its random masks from another generator."""
+@pytest.mark.parametrize("dequantize", [False, True], ids=["4bit", "dequantized"])
+def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, base_dir: Path, dequantize: bool):
+    """execution.compile: each decoder layer of the 4-bit LoRA model (or of LoRA on that base dequantized,
+    execution.dequantize_base) through torch.compile (bitsandbytes' 4-bit matmul and PEFT's LoRA inside the compiled
+    code, without a graph break); on two packed batches of different widths the loss and the LoRA gradients stay
+    those of eager mode, up to bf16 rounding. No LoRA dropout: compiled code draws its random masks from another
+    generator."""
     from torch._dynamo.utils import counters
 
-    from duel.modeling import compile_layers
+    from duel.modeling import compile_cache_use, compile_layers
 
     setup = setup_for(params, RECIPES["packed"])
     pinned = dataclasses.replace(setup.params, lora=dataclasses.replace(setup.params.lora, dropout=0.0))
@@ -370,17 +371,23 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
     try:
         for compiled in (False, True):
             torch.manual_seed(0)  # the same LoRA initialisation for both
-            model = add_lora(load_base_model(base_dir, setup.model, pinned, ATTENTION), setup.model, pinned)
+            base = load_base_model(base_dir, setup.model, pinned, ATTENTION)
+            if dequantize:
+                base = base_for_training(base, dataclasses.replace(pinned.execution, dequantize_base=True), True)
+            model = add_lora(base, setup.model, pinned)
+            assert base_weights(model) == ("unquantized" if dequantize else "4-bit")
             assert model.base_model.model.model.layers[0].input_layernorm._get_name() == "LlamaRMSNorm"
             compile_layers(model, compiled)
             results[compiled] = []
             for inputs, labels in batches:
                 model.zero_grad(set_to_none=True)
                 results[compiled].append(loss_and_lora_grads(model, inputs, labels))
-            del model
+            del model, base
+        cache = compile_cache_use()
     finally:
         torch._dynamo.reset()  # no compiled code or dynamo state left for the tests after this one
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert cache["graphs_compiled"] + cache["graphs_from_cache"] >= 2, cache  # a forward and a backward graph
     for eager, compiled in zip(results[False], results[True], strict=True):
         assert_same_loss_and_grads(eager, compiled)
 
