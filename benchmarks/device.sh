@@ -2,13 +2,16 @@
 # On a GPU machine (see benchmarks/README.md): install the carried wheels, then run benchmarks/run_device.py.
 # Usage: bash benchmarks/device.sh llama deepseek [--budget-gib 16] [--oom-gib 8] [--paper-steps 4]
 set -euo pipefail
+# Installed once per machine (a call may run this script twice).
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 # The peer's wheels (run_device.py --peer) apart: they pin an older datasets than the stages'.
 if compgen -G ".whl/peer/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peer-site .whl/peer/*.whl
+  [ -d /tmp/peer-site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/peer-site .whl/peer/*.whl
   export PEER_SITE=/tmp/peer-site UNSLOTH_DISABLE_STATISTICS=1
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_CACHE=$PWD/.carry/hf/hub HF_HUB_OFFLINE=1
