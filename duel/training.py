@@ -153,17 +153,26 @@ def answer_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Te
     Summed and divided by the reviews in the whole accumulated step, so micro-batch 1 x 16 and 16 x 1 give the
     same gradient.
     """
-    logits, answers = answer_logits(outputs, labels)
-    loss = F.cross_entropy(logits, answers, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else len(answers))
+    logits, targets = answer_logits(outputs, labels)
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    reviews = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
+    return loss / reviews
 
 
 def answer_logits(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 logits over the vocabulary that predict each answer token (reviews x vocabulary), and the answers."""
-    rows, columns = (labels != IGNORE).nonzero(as_tuple=True)
-    kept = torch.searchsorted(answer_positions(labels), columns - 1)
-    logits = outputs.logits[rows, kept.to(outputs.logits.device)].float()
-    return logits, labels[rows, columns].to(logits.device)
+    """The fp32 logits over the vocabulary at every kept position of every row (rows x kept positions, vocabulary),
+    and the token each predicts: the row's answer there, IGNORE where the row has none (a position kept for another
+    row's answer). Each answer's slot among the kept positions (answer_positions, sorted) is counted on the device
+    from which columns hold an answer, so the step waits on no host synchronisation (finding the answers with
+    nonzero or unique would: their output sizes live on the host)."""
+    logits = outputs.logits
+    rows, kept = logits.shape[:2]
+    labels = labels.to(logits.device)
+    answered = (labels != IGNORE).any(dim=0)  # columns holding some row's answer, one kept position each
+    slot = torch.where(answered, answered.cumsum(0) - 1, kept)  # the others into a spare slot, dropped after
+    targets = torch.full((rows, kept + 1), IGNORE, dtype=labels.dtype, device=labels.device)
+    targets.scatter_(1, slot.expand(rows, -1), labels)
+    return logits.float().reshape(rows * kept, -1), targets[:, :kept].reshape(-1)
 
 
 def label_word_loss(logits: torch.Tensor, answers: torch.Tensor, label_ids: tuple[int, int]) -> torch.Tensor:
@@ -183,22 +192,24 @@ class AnswerLoss(TrainerCallback):
 
     The label-word loss is computed from the logits the training loss already gathered (reviews x 2 of them), with
     no gradient: what is learned does not change. Its sum stays on the device until a log line reads it, so it adds
-    no synchronisation to a step; a few element-wise kernels on 2 numbers per review, against the thousands of a
-    7B model's forward and backward.
+    no synchronisation to a step; a few element-wise kernels on 2 numbers per kept position, against the thousands
+    of a 7B model's forward and backward.
     """
 
     def __init__(self, label_ids: tuple[int, int]) -> None:
         self.label_ids = label_ids
         self.label_word_sum: torch.Tensor | float = 0.0
-        self.reviews = 0
+        self.reviews: torch.Tensor | int = 0
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        logits, answers = answer_logits(outputs, labels)
+        logits, targets = answer_logits(outputs, labels)
+        answered = targets != IGNORE
         with torch.no_grad():
-            self.label_word_sum = self.label_word_sum + label_word_loss(logits, answers, self.label_ids).sum()
-            self.reviews += len(answers)
-        loss = F.cross_entropy(logits, answers, reduction="sum")
-        return loss / (num_items_in_batch if num_items_in_batch is not None else len(answers))
+            per_review = label_word_loss(logits, targets, self.label_ids)
+            self.label_word_sum = self.label_word_sum + torch.where(answered, per_review, 0.0).sum()
+            self.reviews = self.reviews + answered.sum()
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        return loss / (num_items_in_batch if num_items_in_batch is not None else answered.sum())
 
     def on_log(
         self,
@@ -208,9 +219,9 @@ class AnswerLoss(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kw: Any,
     ) -> None:
-        if logs is None or "loss" not in logs or not self.reviews:
+        if logs is None or "loss" not in logs or not int(self.reviews):
             return
-        summed = torch.tensor([float(self.label_word_sum), self.reviews], dtype=torch.float64, device=args.device)
+        summed = torch.tensor([float(self.label_word_sum), int(self.reviews)], dtype=torch.float64, device=args.device)
         if torch.distributed.is_initialized():  # every rank logs the same steps: the mean over all ranks' reviews
             torch.distributed.all_reduce(summed)
         logs["label_word_loss"] = round(float(summed[0] / summed[1]), 4)

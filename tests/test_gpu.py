@@ -25,7 +25,7 @@ from duel.evaluation import label_logits, predictions_frame
 from duel.io import write_json
 from duel.modeling import add_lora, base_for_training, base_weights, load_adapter_for_inference, load_base_model
 from duel.params import ModelParams, Params
-from duel.training import AnswerCollator, ReviewDataset, answer_loss
+from duel.training import AnswerCollator, AnswerLoss, ReviewDataset, answer_loss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -343,6 +343,31 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(
             assert layer.mlp._get_name() == "LigerSwiGLUMLP" and layer.input_layernorm._get_name() == "LigerRMSNorm"
         del model, base
     assert_same_loss_and_grads(results["none"], results["liger"])
+
+
+def test_the_training_loss_waits_on_no_host_synchronisation():
+    """The training loss (AnswerLoss: answer_loss with the label-word loss beside it) and its backward on a packed
+    batch's kept logits queue their kernels without waiting for the GPU: CUDA's sync debug mode makes any
+    synchronisation (a nonzero, a unique, an .item()) an error. A step then runs ahead of the GPU to its log line."""
+    dataset = ReviewDataset(reviews_frame(), ANSWERS)
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=40)(list(dataset))
+    labels = batch["labels"].cuda()
+    kept = len(batch["logits_to_keep"])
+    logits = torch.randn(labels.shape[0], kept, 300, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    outputs = type("Outputs", (), {"logits": logits})()
+    tracked = AnswerLoss(ANSWERS)
+    reviews = torch.tensor(len(dataset), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = tracked(outputs, labels, num_items_in_batch=reviews)
+        loss.backward()
+        unweighted = answer_loss(outputs, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert labels.shape[0] > 1 and kept > 1  # several rows, each answer at its own column
+    assert torch.isfinite(loss) and unweighted.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert int(tracked.reviews) == len(dataset)
 
 
 @pytest.mark.parametrize("dequantize", [False, True], ids=["4bit", "dequantized"])

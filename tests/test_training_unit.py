@@ -197,12 +197,16 @@ def forward(model, batch: dict, **kwargs):
     return model(**inputs, **kwargs)
 
 
-def test_answer_loss_equals_causal_lm_loss(tiny_model):
-    batch = tiny_batch(seed=0)
+@pytest.mark.parametrize("padding", ["longest", "packed"])
+def test_answer_loss_equals_causal_lm_loss(tiny_model, padding: str):
+    """Left-padded rows keep one position (every answer in the last column); packed rows keep every position that
+    predicts some row's answer, each row's answers at its own columns."""
+    batch = tiny_batch(seed=0, lengths=(12, 5, 9, 3, 7, 6), padding=padding, row=16)
     with torch.no_grad():
         reference = forward(tiny_model, batch, labels=batch["labels"]).loss
         kept = forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"])
-    assert kept.logits.shape == (4, 1, 300)
+    rows, kept_positions = (6, 1) if padding == "longest" else (3, 6)
+    assert kept.logits.shape == (rows, kept_positions, 300)
     loss = answer_loss(kept, batch["labels"])
     assert torch.isfinite(loss) and loss.item() > 1.0  # random weights: about ln(300) = 5.7
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
