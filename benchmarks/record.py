@@ -113,7 +113,9 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
         notes.append("base dequantized" if dequantized else "")
         if cache := data.get("compile_cache"):  # compiled layers: how many graphs the process compiled itself
-            notes.append(f"compiled: {cache['graphs_compiled']} graphs compiled, {cache['graphs_from_cache']} cached")
+            compiled, cached = cache["graphs_compiled"], cache["graphs_from_cache"]
+            spent = f" in {cache['seconds']:g} s" if "seconds" in cache else ""
+            notes.append(f"compiled{spent}: {compiled} graphs compiled, {cached} from the cache")
         fields["note"] = "; ".join(note for note in notes if note)
     elif kind == "peer":  # its own kernels and attention, NF4 with double quantization, offloaded checkpointing
         ckpt, wall_s = data["checkpointing"] != "none", round(data["steps"] * 16 / data["reviews_per_s"], 2)

@@ -181,15 +181,24 @@ def compile_layers(model: Any, wanted: bool) -> None:
             layer.compile(dynamic=True)
 
 
-def compile_cache_use() -> dict[str, int]:
-    """How the compiled layers' graphs were obtained in this process: from inductor's on-disk cache (a warm start) or
-    compiled afresh (a cold one). The cache is torch's own, in TORCHINDUCTOR_CACHE_DIR (default
-    /tmp/torchinductor_<user>): it persists across runs and stages on a machine, and both models' decoder layers
-    share their code when their shapes match (Llama-2-7B and DeepSeek-LLM-7B do)."""
-    from torch._dynamo.utils import counters
+def compile_summary() -> dict[str, Any]:
+    """What compiling the layers cost this process: graphs compiled afresh (a cold start), graphs taken from inductor's
+    on-disk cache (a warm one), and the seconds dynamo spent on both (the forward at the first call, the backward at
+    the first backward). The cache is torch's own, in TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>):
+    it persists across runs and stages on a machine, and both models' decoder layers share their code when their
+    shapes match (Llama-2-7B and DeepSeek-LLM-7B do)."""
+    from torch._dynamo.utils import compile_times, counters
 
+    names, values = compile_times(repr="csv", aggregate=True)
+    seconds = dict(zip(names, values, strict=True))
+    spent = sum(float(seconds.get(phase, 0)) for phase in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"))
     inductor = counters["inductor"]
-    return {"graphs_from_cache": inductor["fxgraph_cache_hit"], "graphs_compiled": inductor["fxgraph_cache_miss"]}
+    return {
+        "graphs_compiled": inductor["fxgraph_cache_miss"],
+        "graphs_from_cache": inductor["fxgraph_cache_hit"],
+        "seconds": round(spent, 1),
+        "phases_over_1s": {phase: round(float(s), 1) for phase, s in seconds.items() if float(s) >= 1},  # nested
+    }
 
 
 # GPUs from this size hold a 7B model's unquantized weights (13 GiB) beside the work: auto merges the adapter into a

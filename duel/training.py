@@ -28,7 +28,7 @@ from transformers.trainer_utils import TrainOutput
 from duel import profiling
 from duel.checkpointing import checkpointed_layers, decoder_layers, offloaded_layers, switch_on_checkpointing
 from duel.errors import TrainingError
-from duel.modeling import base_weights, compile_cache_use, quantization_name
+from duel.modeling import base_weights, compile_summary, quantization_name
 from duel.parallel import barrier, world_size
 from duel.params import Params
 from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory
@@ -608,7 +608,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "attention": attention,
         "kernels": kernels,
         "compiled": params.execution.compile,
-        "compile_cache": compile_cache_use() if params.execution.compile else None,
+        "compile_cache": compile_summary() if params.execution.compile else None,
         "precision": params.execution.precision,
         "quantization": quantization_name(params.quantization),
         "base_weights": base_weights(model),

@@ -115,7 +115,17 @@ def main() -> None:
     print(
         f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {done.seconds:.1f} s, "
         f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}, "
-        f"kernels {kernels}{', compiled layers' if execution.compile else ''}"
+        f"kernels {kernels}{compiled(how['compile_cache'])}"
+    )
+
+
+def compiled(cache: dict | None) -> str:
+    """The closing line's words on compiled layers: what compiling cost, and whether it started warm."""
+    if cache is None:
+        return ""
+    return (
+        f", compiled layers ({cache['seconds']:g} s compiling: {cache['graphs_compiled']} graphs compiled, "
+        f"{cache['graphs_from_cache']} from the compile cache)"
     )
 
 

@@ -139,7 +139,7 @@ def test_records_and_readme(tmp_path: Path) -> None:
     bench = bench_copy(tmp_path)
     results = {"llama": model_results("llama", LLAMA, 25000)}
     results["deepseek"] = model_results("deepseek", DEEPSEEK, 25000, budget_oom_retries=1)
-    cache = {"graphs_from_cache": 2, "graphs_compiled": 0}  # a compiled run that started warm
+    cache = {"graphs_from_cache": 2, "graphs_compiled": 0, "seconds": 71.5}  # a compiled run that started warm
     results["llama"][4]["data"] |= {"compiled": True, "kernels": "none", "compile_cache": cache}
     folder = write_call(bench / "raw" / "2026-12-01-h200-call01", results)
     done = run_record(bench, folder)
@@ -166,7 +166,7 @@ def test_records_and_readme(tmp_path: Path) -> None:
     assert default["reviews_per_s"] == 52.0 and default["gpu_util_pct"] == 92.5 and default["steps"] == 200
     assert default["mfu"] == round(52.0 * 300 * 4 * TOTAL_PARAMETERS / 790e12, 4)  # no checkpointing: 4N a token
     assert by_key["llama", "finetune", "budget"]["checkpointed_layers"] == 28
-    assert by_key["llama", "finetune", "budget"]["note"] == "compiled: 0 graphs compiled, 2 cached"
+    assert by_key["llama", "finetune", "budget"]["note"] == "compiled in 71.5 s: 0 graphs compiled, 2 from the cache"
     assert default["note"] == ""
     assert by_key["deepseek", "finetune", "budget"]["oom_retries"] == 1
     assert by_key["llama", "finetune", "baseline-mb16x1"]["reviews_per_s"] == baseline

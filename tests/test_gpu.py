@@ -379,7 +379,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
     generator."""
     from torch._dynamo.utils import counters
 
-    from duel.modeling import compile_cache_use, compile_layers
+    from duel.modeling import compile_layers, compile_summary
 
     setup = setup_for(params, RECIPES["packed"])
     pinned = dataclasses.replace(setup.params, lora=dataclasses.replace(setup.params.lora, dropout=0.0))
@@ -408,7 +408,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
                 model.zero_grad(set_to_none=True)
                 results[compiled].append(loss_and_lora_grads(model, inputs, labels))
             del model, base
-        cache = compile_cache_use()
+        cache = compile_summary()
     finally:
         torch._dynamo.reset()  # no compiled code or dynamo state left for the tests after this one
     assert not counters["graph_break"], dict(counters["graph_break"])
