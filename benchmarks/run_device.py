@@ -286,9 +286,10 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def sweep(key: str, profiles: list[Path], steps: int, variants: list[str]) -> None:
+def sweep(key: str, profiles: list[Path], steps: int, variants: list[str], with_baseline: bool = True) -> None:
     """The baseline, then N steps of the finetune stage per variant, on the same 16 x N training reviews."""
-    baseline(key, 16, 1, 4)
+    if with_baseline:
+        baseline(key, 16, 1, 4)
     data = prepare_steps(key, profiles, steps)
     for variant in variants:
         write_params(key, profiles, data=data, train={"steps": steps}, **SWEEP[variant])
@@ -325,6 +326,7 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=0, help="fewer test reviews than the profile's")
     parser.add_argument("--no-default", action="store_true", help="skip the default 200-step fine-tune")
     parser.add_argument("--baseline-last", action="store_true", help="the baseline after the duel's stages")
+    parser.add_argument("--no-baseline", action="store_true", help="--sweep without the baseline (no speed ratios)")
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--gpu-tests", action="store_true")
     parser.add_argument("--profile-step", action="store_true", help="profile steps 3-5 of the finetune stage")
@@ -362,7 +364,8 @@ def main() -> None:
             offload(key, profiles, args.offload, args.budget_gib)
             continue
         if args.sweep:
-            sweep(key, profiles, args.sweep, args.variants.split(",") if args.variants else list(SWEEP))
+            variants = args.variants.split(",") if args.variants else list(SWEEP)
+            sweep(key, profiles, args.sweep, variants, with_baseline=not args.no_baseline)
             gpu_tests(key, args)
             continue
         if not baseline_last:
