@@ -258,8 +258,8 @@ def targets(records: list[Record]) -> str:
 
 FINETUNE_COLUMNS = [
     *("model", "recipe", "run", "attention", "kernels", "gradient_checkpointing", "checkpointed_layers"),
-    *("padding_share", "steps", "reviews_per_s", "baseline_reviews_per_s", "ratio_vs_baseline", "gpu_util_pct"),
-    *("peak_vram_gib", "note"),
+    *("padding_share", "steps", "reviews_per_s", "steady_reviews_per_s", "baseline_reviews_per_s"),
+    *("ratio_vs_baseline", "gpu_util_pct", "peak_vram_gib", "note"),
 ]
 
 
