@@ -22,8 +22,10 @@ from duel.claims import PEER_COLUMNS, newest_ablation, peer_rows, table3_markdow
 BENCH = Path(__file__).resolve().parent
 RUN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-call(\d+)")
 STAGE_LOG = re.compile(r"^==== (\S+): exit 0 in ([\d.]+) s$", re.MULTILINE)  # run_device.py's end of a process
-# MFU: real tokens/s x FLOPs per token (4N: forward + activation gradients, frozen weights get none; 6N with
-# checkpointing; N parameters, attention left out) / the H200's bf16 matrix rate measured here (8192^3: 769-798 TF/s).
+# MFU: the finetune stage's own (duel/telemetry.py: its projections' FLOPs per real token over the GPU's data-sheet
+# peak) where the result has it; for calls before that, real tokens/s x FLOPs per token (4N: forward + activation
+# gradients, frozen weights get none; 6N with checkpointing; N all parameters, attention left out) / the H200's bf16
+# matrix rate measured here (8192^3: 769-798 TF/s).
 PEAK_FLOPS = 790e12
 MAX_LENGTH = 512  # data.max_length; the fine-tune metrics do not record it
 # The targets: fine-tune reviews/s over the same call's baseline (default, 16 GiB budget); evaluate reviews/s, judged
@@ -108,7 +110,8 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         flops_per_token = (6 if data["gradient_checkpointing"] else 4) * data["total_parameters"]
         recipe = "budget" if tag.startswith("budget-") else tag  # --peer's budget-<GiB>: the budget is a field
         fields |= {"recipe": recipe, "quantization": data["quantization"] or "none"}
-        fields["mfu"] = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)
+        legacy = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)  # calls before the stage had its own
+        fields["mfu"] = data["mfu"] if data.get("mfu") is not None else legacy
         notes = [f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""]
         dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
         notes.append("base dequantized" if dequantized else "")

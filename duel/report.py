@@ -209,9 +209,9 @@ def conclusion(c: Comparison) -> str:
 
 def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
     rows = [
-        "| model | device | steps | how | train time s | reviews/s | tokens/s (real) | padding share | "
+        "| model | device | steps | how | train time s | reviews/s | tokens/s (real) | MFU | padding share | "
         "peak VRAM alloc GiB | peak VRAM reserved GiB | NVML peak GiB | GPU util % | energy J | paper |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, m in finetune.items():
         how = f"micro-batch {m['micro_batch']} x {m['grad_accum']}, {m['padding']}"
@@ -223,7 +223,8 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
         rows.append(
             f"| {key} | {m['device']} | {m['steps']} | {how} | {fmt(m['train_time_s'], 1)} | "
             f"{fmt(m['reviews_per_s'], 2)} | "
-            f"{fmt(m['tokens_per_s'], 0)} | {fmt(m['padding_share'], 2)} | {fmt(m['peak_vram_allocated_gib'], 2)} | "
+            f"{fmt(m['tokens_per_s'], 0)} | {fmt(m.get('mfu'), 3)} | {fmt(m['padding_share'], 2)} | "
+            f"{fmt(m['peak_vram_allocated_gib'], 2)} | "
             f"{fmt(m['peak_vram_reserved_gib'], 2)} | {fmt(m['nvml_peak_gib'], 2)} | "
             f"{fmt(m['gpu_util_mean_pct'], 0)} | "
             f"{fmt(m['energy_j'], 0)} | {PAPER_REPORTED.get(key, {}).get('train', '')} |"

@@ -7,6 +7,10 @@ Definitions (all per process, on the process's current CUDA device):
   counts the CUDA context and other processes, so it is >= reserved when sampled at the peak.
 - gpu_util_mean_pct: mean of NVML's utilization.gpu samples (share of time a kernel was running).
 - energy_j: difference of NVML's total energy counter (millijoules since driver load) over the measured span.
+- mfu: model FLOPs utilization, the training's model FLOPs per second over the GPU's dense bf16/fp16 peak
+  (PEAK_TFLOPS). Per real token, the decoder layers' projections cost 2N in the forward pass, 2N in the backward
+  pass (input gradients only: the frozen weights get none) and 2N again in each checkpointed layer's recomputation
+  (N: their weights, LoRA's and attention's own FLOPs left out); padding is not counted as work.
 On a machine without a GPU every one of these is null.
 - peak_memory_gib: peak_vram_reserved_gib on a GPU, the process's peak resident memory (RSS) on a CPU: the one
   memory figure every run has.
@@ -119,6 +123,28 @@ def memory_now_gib() -> float:
 def peak_rss_gib() -> float:
     """The process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks with fp32 accumulation, TFLOP/s, from NVIDIA's data sheets; the
+# longest name found in the CUDA device's name wins (H100 PCIe over H100, L40S over L4). MFU is left out elsewhere.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,  # SXM ("NVIDIA H100 80GB HBM3")
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+}
+
+
+def peak_tflops(device: str, precision: str) -> float | None:
+    """The GPU's dense tensor-core peak in bf16/fp16 (TFLOP/s), or None: a CPU, fp32, or a GPU not in PEAK_TFLOPS."""
+    known = [name for name in PEAK_TFLOPS if name in device]
+    if precision not in ("bf16", "fp16") or not known:
+        return None
+    return PEAK_TFLOPS[max(known, key=len)]
 
 
 def device_name() -> str:

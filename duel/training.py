@@ -31,7 +31,7 @@ from duel.errors import TrainingError
 from duel.modeling import base_weights, compile_summary, quantization_name
 from duel.parallel import barrier, world_size
 from duel.params import Params
-from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory
+from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory, peak_tflops
 
 IGNORE = -100
 
@@ -588,7 +588,8 @@ def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int
         **loss_summary(done.run.trainer.state.log_history),
         "steps": done.run.trainer.state.global_step,
         "resumed_from_step": start_step,
-        **throughput(params, start_step, done.seconds, done.real_tokens, done.padded_tokens),
+        **(speed := throughput(params, start_step, done.seconds, done.real_tokens, done.padded_tokens)),
+        **utilization(speed["tokens_per_s"], model, params.execution.precision),
         **done.hardware,
         "energy_j_per_step": round(energy / steps_timed, 2) if energy else None,
         "checkpointed_layers": checkpointed_layers(model),
@@ -598,6 +599,25 @@ def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int
         "trainable_parameters": trainable,
         "total_parameters": total,
     }
+
+
+def model_flops_per_token(model: Any) -> float:
+    """Training FLOPs per real token (see duel/telemetry.py, mfu): 2N forward, 2N backward and 2N recomputed in each
+    checkpointed layer, N the decoder layers' projection weights (their in x out, whether held in 4 bits or not)."""
+    layers = decoder_layers(model)
+    flops = 0.0
+    for layer in layers:
+        projections = [m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+        weights = sum(m.in_features * m.out_features for m in projections)
+        flops += (6 if layer.gradient_checkpointing else 4) * weights
+    return flops
+
+
+def utilization(tokens_per_s: float, model: Any, precision: str) -> dict[str, float | None]:
+    """The training's model TFLOP/s and its MFU against the GPU's peak (None where the peak is unknown)."""
+    tflops = tokens_per_s * model_flops_per_token(model) / 1e12
+    peak = peak_tflops(device_name(), precision)
+    return {"model_tflops_per_s": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None}
 
 
 def run_description(key: str, model: Any, params: Params, attention: str, kernels: str) -> dict[str, Any]:

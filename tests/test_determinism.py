@@ -32,6 +32,8 @@ FINETUNE_TIMING = [
     "reviews_per_s",
     "tokens_per_s",
     "padded_tokens_per_s",
+    "model_tflops_per_s",
+    "mfu",
     "nvml_peak_gib",
     "gpu_util_mean_pct",
     "energy_j",

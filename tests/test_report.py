@@ -108,3 +108,8 @@ def test_hardware_table_says_how_the_base_was_held():
     assert "4-bit base dequantized for training" in rows[2] and "dequantized" not in rows[3]
     unquantized = hardware_table({"llama": run | {"base_weights": "unquantized", "quantization": "none"}})
     assert "dequantized" not in unquantized[2]  # never quantized: nothing was dequantized
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    cells = [cell.strip() for cell in hardware_table({"llama": run | {"mfu": 0.3214}})[2].strip("|").split("|")]
+    assert cells[header.index("MFU")] == "0.321"
+    cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
+    assert cells[header.index("MFU")] == "n/a"  # a run without one (a CPU, an unknown GPU)

@@ -497,3 +497,29 @@ def test_checkpoints_of_other_params_are_removed(tmp_path, params):
     assert training_fingerprint(params, "llama", [data]) != first  # other data
     assert resumable_checkpoint(folder, training_fingerprint(other_lora, "llama", [data])) == (None, 0)
     assert not (folder / "checkpoint-4").exists()
+
+
+def test_model_flops_count_the_projections_and_the_recomputed_layers(monkeypatch: pytest.MonkeyPatch):
+    """MFU's numerator: per real token, 4N through a layer (forward, input gradients) and 6N through a checkpointed
+    one, N its projections' in x out; LoRA's own small matrices are left out."""
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from duel.checkpointing import set_checkpointed_layers
+    from duel.telemetry import peak_tflops
+    from duel.training import model_flops_per_token, utilization
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), LoraConfig(r=4, target_modules=targets))
+    per_layer = 4 * 32 * 32 + 3 * 32 * 64  # attention's four 32 x 32 projections, the MLP's three 32 x 64
+    assert model_flops_per_token(model) == 2 * 4 * per_layer
+    set_checkpointed_layers(model, 1)
+    assert model_flops_per_token(model) == 6 * per_layer + 4 * per_layer
+    assert utilization(1000.0, model, "fp32") == {"model_tflops_per_s": 0.0, "mfu": None}  # no known peak here
+    monkeypatch.setattr("duel.training.device_name", lambda: "NVIDIA H200")
+    tokens_per_s = 989e12 / 4 / model_flops_per_token(model)  # a quarter of the H200's peak
+    assert utilization(tokens_per_s, model, "bf16") == {"model_tflops_per_s": 247.25, "mfu": 0.25}
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0 and peak_tflops("NVIDIA H100 PCIe", "fp16") == 756.0
+    assert peak_tflops("NVIDIA L40S", "bf16") == 362.0 and peak_tflops("NVIDIA L4", "bf16") == 121.0
+    assert peak_tflops("NVIDIA H200", "fp32") is None and peak_tflops("cpu", "bf16") is None
