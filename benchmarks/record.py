@@ -72,6 +72,7 @@ class Record:
     tokens_per_s: float | None = None  # real tokens, padding excluded
     padding_share: float | None = None  # 1 - real tokens / token slots computed
     gpu_util_pct: float | None = None  # NVML's utilization, mean over the timed run
+    steady_gpu_util_pct: float | None = None  # over the steps after the first 2 (finetune results that log it)
     peak_vram_gib: float | None = None  # torch.cuda.max_memory_reserved
     nvml_peak_gib: float | None = None  # NVML device memory used, CUDA context included
     energy_j: float | None = None  # NVML's energy counter over the timed run
@@ -262,7 +263,7 @@ def targets(records: list[Record]) -> str:
 FINETUNE_COLUMNS = [
     *("model", "recipe", "run", "attention", "kernels", "gradient_checkpointing", "checkpointed_layers"),
     *("padding_share", "steps", "reviews_per_s", "steady_reviews_per_s", "baseline_reviews_per_s"),
-    *("ratio_vs_baseline", "gpu_util_pct", "peak_vram_gib", "note"),
+    *("ratio_vs_baseline", "gpu_util_pct", "steady_gpu_util_pct", "peak_vram_gib", "note"),
 ]
 
 

@@ -139,16 +139,25 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def series(key: str, name: str) -> list[float]:
-    """A per-step series of the stage's DVCLive log."""
+def series(key: str, name: str) -> dict[int, float]:
+    """A per-step series of the stage's DVCLive log (step, value), by step."""
     path = Path("plots") / key / "plots/metrics" / f"{name}.tsv"
-    return [float(line.split("\t")[-1]) for line in path.read_text().splitlines()[1:]] if path.exists() else []
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]] if path.exists() else []
+    return {int(row[0]): float(row[-1]) for row in rows}
 
 
 def steady_reviews_per_s(key: str) -> float | None:
     """Reviews per second after the first 2 steps (compiles and warm-ups)."""
-    rates = series(key, "reviews_per_s")[2:]
+    rates = list(series(key, "reviews_per_s").values())[2:]
     return round(len(rates) / sum(1 / r for r in rates), 3) if rates else None
+
+
+def steady_gpu_util_pct(key: str) -> float | None:
+    """GPU utilization over the steps after the first 2, each log line's mean weighted by its time."""
+    utils, rates = series(key, "gpu_util_pct"), series(key, "reviews_per_s")
+    steps = sorted(step for step in utils if step in rates)[2:]
+    seconds = [1 / rates[step] for step in steps]
+    return round(sum(utils[s] * t for s, t in zip(steps, seconds, strict=True)) / sum(seconds), 1) if steps else None
 
 
 def finetune_result(key: str) -> dict[str, Any]:
@@ -156,7 +165,8 @@ def finetune_result(key: str) -> dict[str, Any]:
     training = read_json(Path("models/adapters") / key / "training.json")
     metrics = read_json(f"metrics/finetune_{key}.json")[key]
     metrics["steady_reviews_per_s"] = steady_reviews_per_s(key)
-    metrics["first_loss"] = next(iter(series(key, "loss")), None)
+    metrics["steady_gpu_util_pct"] = steady_gpu_util_pct(key)
+    metrics["first_loss"] = next(iter(series(key, "loss").values()), None)
     return (
         training["run"]
         | metrics

@@ -5,7 +5,8 @@ Definitions (all per process, on the process's current CUDA device):
 - peak_vram_reserved_gib: torch.cuda.max_memory_reserved, what torch's caching allocator held (>= allocated).
 - nvml_peak_gib: highest device memory in use seen by NVML, sampled every 50 ms in a background thread; it also
   counts the CUDA context and other processes, so it is >= reserved when sampled at the peak.
-- gpu_util_mean_pct: mean of NVML's utilization.gpu samples (share of time a kernel was running).
+- gpu_util_mean_pct: mean of NVML's utilization.gpu samples (share of time a kernel was running); a fine-tune's
+  per-step series gpu_util_pct has the mean over each log line's steps (steps after a compile or warm-up apart).
 - energy_j: difference of NVML's total energy counter (millijoules since driver load) over the measured span.
 - mfu: model FLOPs utilization, the training's model FLOPs per second over the GPU's dense bf16/fp16 peak
   (PEAK_TFLOPS). Per real token, the decoder layers' projections cost 2N in the forward pass, 2N in the backward
@@ -39,6 +40,7 @@ class GpuSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _energy_start_mj: int | None = None
+    _taken: int = 0  # util_samples already averaged by take_util_mean
 
     def start(self) -> GpuSampler:
         if not torch.cuda.is_available():
@@ -62,6 +64,12 @@ class GpuSampler:
             self.peak_used_bytes = max(self.peak_used_bytes, int(memory.used))
             self.util_samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
             self._stop.wait(self.interval_s)
+
+    def take_util_mean(self) -> float | None:
+        """Mean utilization of the samples since the previous call (a log line's steps); None without samples."""
+        samples = self.util_samples[self._taken :]
+        self._taken += len(samples)
+        return round(sum(samples) / len(samples), 1) if samples else None
 
     def energy_mj(self) -> int | None:
         if self._handle is None:

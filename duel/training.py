@@ -237,7 +237,14 @@ class StepTelemetry(TrainerCallback):
     """Adds memory and throughput to each log line (which DVCLive then writes) and stops on a NaN loss or a diverged
     gradient."""
 
-    def __init__(self, tokens_per_step: np.ndarray, padded_per_step: np.ndarray, batch_size: int) -> None:
+    def __init__(
+        self,
+        tokens_per_step: np.ndarray,
+        padded_per_step: np.ndarray,
+        batch_size: int,
+        sampler: GpuSampler | None = None,
+    ) -> None:
+        self.sampler = sampler or GpuSampler()  # the run's NVML samples: each log line gets its steps' utilization
         self.overflows = 0
         self.tokens_per_step = tokens_per_step
         self.padded_per_step = padded_per_step
@@ -273,6 +280,8 @@ class StepTelemetry(TrainerCallback):
         logs["reviews_per_s"] = round((state.global_step - self.last_step) * self.batch_size / elapsed, 3)
         logs["tokens_per_s"] = round(float(self.tokens_per_step[steps].sum()) / elapsed, 1)
         logs["padded_tokens_per_s"] = round(float(self.padded_per_step[steps].sum()) / elapsed, 1)
+        if (util := self.sampler.take_util_mean()) is not None:
+            logs["gpu_util_pct"] = util
         if torch.cuda.is_available():
             logs["vram_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 4)
             logs["vram_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 4)
@@ -499,12 +508,13 @@ def fine_tune(
     error the run goes on with less memory (train_with_backoff)."""
     token_counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     profiler = profiling.from_environment()  # DUEL_PROFILE: torch.profiler over a few of these very steps
+    sampler = GpuSampler()
 
     def build(micro_batch: int) -> Trainer:
         run_params = with_micro_batch(params, micro_batch)
         token_counts[micro_batch] = step_token_counts(lengths, order, run_params)
         loss = AnswerLoss(dataset.answer_ids)  # a callback too: adds the label-word loss to the log line
-        callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size), loss]
+        callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size, sampler), loss]
         if live is not None:  # None on ranks other than 0: one process writes the series
             callbacks += [LiveStep(live), DVCLiveCallback(live=live)]
         return Trainer(
@@ -518,7 +528,8 @@ def fine_tune(
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    sampler, watch = GpuSampler().start(), Stopwatch()
+    sampler.start()
+    watch = Stopwatch()
     run = train_with_backoff(
         build,
         params.train.batch_size,

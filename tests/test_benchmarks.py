@@ -141,6 +141,7 @@ def test_records_and_readme(tmp_path: Path) -> None:
     results["deepseek"] = model_results("deepseek", DEEPSEEK, 25000, budget_oom_retries=1)
     cache = {"graphs_from_cache": 2, "graphs_compiled": 0, "seconds": 71.5}  # a compiled run that started warm
     results["llama"][4]["data"] |= {"compiled": True, "kernels": "none", "compile_cache": cache, "mfu": 0.4321}
+    results["llama"][4]["data"]["steady_gpu_util_pct"] = 91.5  # after its compile
     folder = write_call(bench / "raw" / "2026-12-01-h200-call01", results)
     done = run_record(bench, folder)
     assert done.returncode == 0, done.stderr
@@ -169,6 +170,8 @@ def test_records_and_readme(tmp_path: Path) -> None:
     assert by_key["llama", "finetune", "budget"]["note"] == "compiled in 71.5 s: 0 graphs compiled, 2 from the cache"
     assert default["note"] == ""
     assert by_key["llama", "finetune", "budget"]["mfu"] == 0.4321  # the stage's own MFU, where it reports one
+    assert by_key["llama", "finetune", "budget"]["steady_gpu_util_pct"] == 91.5
+    assert default["steady_gpu_util_pct"] is None  # not in that result
     assert by_key["deepseek", "finetune", "budget"]["oom_retries"] == 1
     assert by_key["llama", "finetune", "baseline-mb16x1"]["reviews_per_s"] == baseline
     evaluate = by_key["deepseek", "evaluate", "default"]

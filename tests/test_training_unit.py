@@ -287,7 +287,10 @@ def test_step_token_counts(params):
 
 
 def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
-    callback = StepTelemetry(np.array([100.0, 200.0]), np.array([128.0, 256.0]), batch_size=16)
+    from duel.telemetry import GpuSampler
+
+    sampler = GpuSampler(util_samples=[50, 70])  # NVML's samples so far (a GPU run's background thread adds them)
+    callback = StepTelemetry(np.array([100.0, 200.0]), np.array([128.0, 256.0]), batch_size=16, sampler=sampler)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     state, control = TrainerState(), TrainerControl()
     callback.on_train_begin(args, state, control)
@@ -296,6 +299,14 @@ def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
     callback.on_log(args, state, control, logs=logs)
     assert logs["tokens_per_s"] > 0 and logs["padded_tokens_per_s"] >= logs["tokens_per_s"]
     assert logs["reviews_per_s"] > 0 and logs["memory_gib"] > 0
+    assert logs["gpu_util_pct"] == 60.0  # the mean of the samples taken during the line's steps
+    sampler.util_samples.append(95)
+    logs = {"loss": 0.7}
+    callback.on_log(args, state, control, logs=logs)
+    assert logs["gpu_util_pct"] == 95.0  # only the samples since the previous line
+    logs = {"loss": 0.7}
+    callback.on_log(args, state, control, logs=logs)
+    assert "gpu_util_pct" not in logs  # no sample (a CPU run has none at all)
     # Not in fp16 (tests/test_error_paths.py checks the fp16 message): the run diverged.
     with pytest.raises(TrainingError, match=r"loss is nan at step 2; the training diverged: lower train\.learning_r"):
         callback.on_log(args, state, control, logs={"loss": float("nan")})
