@@ -291,6 +291,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "dequantized": {"execution": {"dequantize_base": True}},
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
+    "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
     "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED},
     "compiled-warm": {"execution": {"dequantize_base": True} | COMPILED},
 }

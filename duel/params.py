@@ -151,10 +151,11 @@ class ExecutionParams:
     upcast_fp32: bool
     """Cast the weights that stay unquantized (norms, embeddings, head) to fp32, as PEFT's
     prepare_model_for_kbit_training does (the paper's stack); off keeps them in compute_dtype (faster)."""
-    padding: Literal["packed", "longest", "max_length"]
+    padding: Literal["packed", "flattened", "longest", "max_length"]
     """packed: lay a micro-batch's reviews end to end in rows of about pack_tokens tokens, each review attending to
-    itself only (no padding computed); longest: pad each micro-batch to its longest review; max_length: pad every
-    review to data.max_length (paper)."""
+    itself only (rows padded to the longest, a few percent); flattened: all of a micro-batch's reviews in one row
+    with no padding at all, through transformers' own padding-free collator (DataCollatorWithFlattening); longest:
+    pad each micro-batch to its longest review; max_length: pad every review to data.max_length (paper)."""
     pack_tokens: int
     """Target row length for padding: packed: a micro-batch's reviews go into ceil(tokens / pack_tokens) rows of
     about equal length (at least data.max_length)."""

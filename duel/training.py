@@ -21,7 +21,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from dvclive import Live
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import TrainOutput
 
@@ -110,6 +117,8 @@ class AnswerCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [f["input_ids"] + [f["answer_id"]] for f in features]
+        if self.padding == "flattened":
+            return self.flattened(sequences)
         if self.padding == "packed":
             rows = [[sequences[i] for i in row] for row in pack_rows([len(s) for s in sequences], self.row_tokens)]
         else:
@@ -144,6 +153,17 @@ class AnswerCollator:
             batch["attention_mask"] = attention_mask
         batch["logits_to_keep"] = answer_positions(labels)
         batch["use_cache"] = False  # with a KV cache, transformers would not look for packed sequences
+        return batch
+
+    @staticmethod
+    def flattened(sequences: list[list[int]]) -> dict[str, Any]:
+        """padding "flattened": transformers' padding-free collator lays the reviews end to end in one row, position
+        ids restarting at 0 and the Flash Attention keywords (cu_seq_lens, max_length) for each; the labels keep the
+        answer token only."""
+        labeled = [{"input_ids": s, "labels": [IGNORE] * (len(s) - 1) + [s[-1]]} for s in sequences]
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(labeled)
+        batch["logits_to_keep"] = answer_positions(batch["labels"])
+        batch["use_cache"] = False
         return batch
 
 
@@ -331,6 +351,8 @@ def micro_batch_tokens(lengths: np.ndarray, order: np.ndarray, params: Params) -
     seq = (lengths[order] + 1).reshape(-1, execution.micro_batch)
     if execution.padding == "max_length":
         computed = np.full(len(seq), params.data.max_length * execution.micro_batch)
+    elif execution.padding == "flattened":  # one row, no padding
+        computed = seq.sum(axis=1)
     elif execution.padding == "longest":
         computed = -(-seq.max(axis=1) // 8) * 8 * execution.micro_batch
     else:

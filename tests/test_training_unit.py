@@ -163,6 +163,23 @@ def test_collator_packs_reviews_end_to_end():
     assert batch["max_length_q"] == batch["max_length_k"] == 10
 
 
+def test_flattened_lays_every_review_in_one_row_through_transformers_collator():
+    """padding "flattened": transformers' DataCollatorWithFlattening, one row and no padding at all, with the
+    packed collator's answer labels, kept positions and variable-length attention keywords."""
+    batch = AnswerCollator(pad_id=PAD, padding="flattened", row_tokens=16)(
+        features([11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23], [31, 32], labels=(0, 1, 1))
+    )
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    assert batch["input_ids"].tolist() == [
+        [11, 12, 13, 14, 15, 16, 17, 18, 19, ANSWERS[0], 21, 22, 23, ANSWERS[1], 31, 32, ANSWERS[1]]
+    ]
+    assert batch["position_ids"].tolist() == [[*range(10), *range(4), *range(3)]]
+    assert (batch["labels"] != IGNORE).nonzero().tolist() == [[0, 9], [0, 13], [0, 16]]
+    assert batch["logits_to_keep"].tolist() == [8, 12, 15]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 10, 14, 17]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == batch["max_length_k"] == 10
+
+
 @pytest.mark.parametrize("row", [16, 64, 512])
 def test_packed_gives_the_padded_loss_and_gradients(tiny_model, row):
     """Packing changes how the work is laid out, not what is learned: the loss and every gradient equal those of
@@ -180,6 +197,24 @@ def test_packed_gives_the_padded_loss_and_gradients(tiny_model, row):
     assert packed_shape[0] < padded_shape[0] or row == 16
     assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
     for ref, got in zip(padded_grads, packed_grads, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_flattened_gives_the_padded_loss_and_gradients(tiny_model):
+    """transformers' padding-free collator (one row) learns what one left-padded review per row learns."""
+    lengths = (12, 5, 9, 3, 14, 2)
+    results = []
+    for padding in ("longest", "flattened"):
+        tiny_model.zero_grad(set_to_none=True)
+        batch = tiny_batch(seed=2, lengths=lengths, padding=padding)
+        loss = answer_loss(forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
+        loss.backward()
+        results.append((loss.item(), gradients(tiny_model), batch["input_ids"].shape))
+    (padded_loss, padded_grads, _), (flat_loss, flat_grads, flat_shape) = results
+    tiny_model.zero_grad(set_to_none=True)
+    assert flat_shape == (1, sum(lengths) + len(lengths))  # each review and its answer, nothing else
+    assert flat_loss == pytest.approx(padded_loss, abs=1e-5)
+    for ref, got in zip(padded_grads, flat_grads, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -284,6 +319,8 @@ def test_step_token_counts(params):
     # review). Step 1: [11, 4] -> one row of 15 -> 16; [8, 21] -> one row of 29 -> 32. Step 2: [16, 2] -> 24;
     # [9, 10] -> 24. Step 3: [31, 3] -> 34 tokens, two rows, the longest 31 -> 2 x 32; [5, 7] -> 16.
     assert step_token_counts(lengths, order, packed)[1].tolist() == [16 + 32, 24 + 24, 64 + 16]
+    flattened = dataclasses.replace(small, execution=dataclasses.replace(execution, padding="flattened"))
+    assert step_token_counts(lengths, order, flattened)[1].tolist() == real.tolist()  # no padding computed
 
 
 def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
