@@ -74,7 +74,8 @@ def varlen_attention(
     cu_seq_lens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seq_lens is None or max_length is None or attention_mask is not None:
         raise ValueError(
-            "execution.attention: varlen needs packed rows (execution.padding: packed); use sdpa for padded batches"
+            "execution.attention: varlen needs packed rows (execution.padding: packed or flattened); use sdpa for "
+            "padded batches"
         )
     batch, heads, tokens, head_dim = query.shape
     if key.shape[1] != heads:  # grouped-query attention: one key/value head serves several query heads

@@ -173,10 +173,16 @@ def answer_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Te
     Summed and divided by the reviews in the whole accumulated step, so micro-batch 1 x 16 and 16 x 1 give the
     same gradient.
     """
-    logits, targets = answer_logits(outputs, labels)
+    return answer_cross_entropy(*answer_logits(outputs, labels), num_items_in_batch)
+
+
+def answer_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor:
+    """answer_loss on answer_logits' output: the summed cross-entropy of the answers over the step's reviews (this
+    micro-batch's when num_items_in_batch is None)."""
     loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-    reviews = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum()
-    return loss / reviews
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE).sum())
 
 
 def answer_logits(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +234,7 @@ class AnswerLoss(TrainerCallback):
             per_review = label_word_loss(logits, targets, self.label_ids)
             self.label_word_sum = self.label_word_sum + torch.where(answered, per_review, 0.0).sum()
             self.reviews = self.reviews + answered.sum()
-        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-        return loss / (num_items_in_batch if num_items_in_batch is not None else answered.sum())
+        return answer_cross_entropy(logits, targets, num_items_in_batch)
 
     def on_log(
         self,
