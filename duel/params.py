@@ -173,6 +173,14 @@ class ExecutionParams:
     and SwiGLU itself); liger cannot be compiled. The compiled code is kept in torch's own cache
     (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>), so later runs on the machine, and the other
     model's stage where the layer shapes match, start warm; training.json records how many graphs came from it."""
+    cuda_graphs: bool
+    """Capture each micro-batch's forward pass, loss and backward pass as a CUDA graph, once per row length, and replay
+    it (duel/graphs.py): the host launches one graph instead of thousands of kernels, so the GPU stops waiting on it.
+    Needs a CUDA GPU, one process, padding flattened and no compile; each row is padded up to the next multiple of
+    graph_tokens (a padding sequence of its own, so what is learned does not change)."""
+    graph_tokens: int
+    """cuda_graphs: a micro-batch's flattened row is padded up to the next multiple of this many tokens, so a run
+    meets few lengths, each captured once (at most data.max_length: the padding is one sequence)."""
     gradient_checkpointing: bool | Literal["auto"]
     """Recompute activations in the backward pass (less memory, about a third more compute). auto: on a GPU, in the
     fewest decoder layers that let the run's largest micro-batch fit memory_budget_gib (else the GPU's memory), by a
@@ -204,7 +212,7 @@ class ExecutionParams:
     choice (the dequantized or the 4-bit base)."""
 
     def __post_init__(self) -> None:
-        for key in ("micro_batch", "pack_tokens", "logging_steps", "eval_batch_size"):
+        for key in ("micro_batch", "pack_tokens", "graph_tokens", "logging_steps", "eval_batch_size"):
             _positive(f"execution.{key}", getattr(self, key))
         if self.data_parallel != "auto":
             _positive("execution.data_parallel", self.data_parallel)
@@ -212,6 +220,11 @@ class ExecutionParams:
             raise ParamsError(f"execution.save_steps: {self.save_steps} must be >= 0 (0: never)")
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
             raise ParamsError(f"execution.memory_budget_gib: {self.memory_budget_gib} must be > 0, or null")
+        if self.cuda_graphs and (self.padding != "flattened" or self.compile):
+            raise ParamsError(
+                "execution.cuda_graphs: needs execution.padding: flattened (one row of few lengths per micro-batch) "
+                "and execution.compile: false; set those, or cuda_graphs: false"
+            )
         if self.precision == "fp16" and self.compute_dtype == "bfloat16":
             raise ParamsError(
                 "execution.precision: fp16 with execution.compute_dtype bfloat16 mixes two half types; "
@@ -239,6 +252,11 @@ class Params:
             )
         if self.execution.data_parallel != "auto":
             check_step_split(self.train.batch_size, self.execution.micro_batch, self.execution.data_parallel)
+        if self.execution.cuda_graphs and self.execution.graph_tokens > self.data.max_length:
+            raise ParamsError(
+                f"execution.graph_tokens: {self.execution.graph_tokens} is longer than data.max_length "
+                f"{self.data.max_length}; the padding is one sequence, so lower it (e.g. 256)"
+            )
         if self.execution.padding == "packed" and self.execution.pack_tokens < self.data.max_length:
             raise ParamsError(
                 f"execution.pack_tokens: {self.execution.pack_tokens} is shorter than data.max_length "

@@ -35,6 +35,7 @@ from transformers.trainer_utils import TrainOutput
 from duel import profiling
 from duel.checkpointing import checkpointed_layers, decoder_layers, offloaded_layers, switch_on_checkpointing
 from duel.errors import TrainingError
+from duel.graphs import GraphedTrainer
 from duel.modeling import base_weights, compile_summary, quantization_name
 from duel.parallel import barrier, world_size
 from duel.params import Params
@@ -102,18 +103,22 @@ class AnswerCollator:
     itself only (its packed-sequence masks for SDPA and eager; for Flash Attention 2 and varlen, the sequences'
     boundaries cu_seq_lens_q/k and longest length max_length_q/k, transformers' keywords), so no padding is
     computed. "longest" and "max_length" left-pad one review per row to the longest in the batch or to `row_tokens`.
+    "flattened" puts all reviews in one row; with `graph_tokens` (execution.cuda_graphs) that row is padded up to the
+    next multiple of it, and the longest-sequence bound is `row_tokens` (data.max_length) in every batch.
     """
 
     pad_id: int
     padding: str
     row_tokens: int
+    graph_tokens: int = 0
 
     @classmethod
     def from_params(cls, pad_id: int, params: Params) -> AnswerCollator:
         """execution.padding with its row length: pack_tokens when packed, else data.max_length."""
         execution = params.execution
         packed = execution.padding == "packed"
-        return cls(pad_id, execution.padding, execution.pack_tokens if packed else params.data.max_length)
+        graph_tokens = execution.graph_tokens if execution.cuda_graphs else 0
+        return cls(pad_id, execution.padding, execution.pack_tokens if packed else params.data.max_length, graph_tokens)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [f["input_ids"] + [f["answer_id"]] for f in features]
@@ -155,15 +160,32 @@ class AnswerCollator:
         batch["use_cache"] = False  # with a KV cache, transformers would not look for packed sequences
         return batch
 
-    @staticmethod
-    def flattened(sequences: list[list[int]]) -> dict[str, Any]:
+    def flattened(self, sequences: list[list[int]]) -> dict[str, Any]:
         """padding "flattened": transformers' padding-free collator lays the reviews end to end in one row, position
         ids restarting at 0 and the Flash Attention keywords (cu_seq_lens, max_length) for each; the labels keep the
         answer token only."""
         labeled = [{"input_ids": s, "labels": [IGNORE] * (len(s) - 1) + [s[-1]]} for s in sequences]
         batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(labeled)
+        if self.graph_tokens:
+            batch = self.fixed_shape(batch)
         batch["logits_to_keep"] = answer_positions(batch["labels"])
         batch["use_cache"] = False
+        return batch
+
+    def fixed_shape(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A flattened row padded up to the next multiple of graph_tokens by one padding sequence (never empty, so
+        every batch has as many sequences; unlabelled, attending to itself only), and the longest-sequence bound fixed
+        at row_tokens: a CUDA graph replays fixed shapes and the host numbers it was captured with."""
+        tokens = batch["input_ids"].shape[1]
+        width = -(-(tokens + 1) // self.graph_tokens) * self.graph_tokens
+        pad = width - tokens
+        batch["input_ids"] = F.pad(batch["input_ids"], (0, pad), value=self.pad_id)
+        batch["labels"] = F.pad(batch["labels"], (0, pad), value=IGNORE)
+        batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad).unsqueeze(0)], dim=1)
+        for side in ("q", "k"):
+            ends = batch[f"cu_seq_lens_{side}"]
+            batch[f"cu_seq_lens_{side}"] = torch.cat([ends, ends.new_tensor([width])])
+            batch[f"max_length_{side}"] = self.row_tokens
         return batch
 
 
@@ -228,13 +250,25 @@ class AnswerLoss(TrainerCallback):
         self.reviews: torch.Tensor | int = 0
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        loss, label_word_sum, reviews = self.terms(outputs, labels, num_items_in_batch)
+        self.add(label_word_sum, reviews)
+        return loss
+
+    def terms(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training loss, and this micro-batch's summed label-word loss and reviews (no gradient), without adding
+        them up: a CUDA graph (duel/graphs.py) computes these and the caller adds them after each replay."""
         logits, targets = answer_logits(outputs, labels)
         answered = targets != IGNORE
         with torch.no_grad():
             per_review = label_word_loss(logits, targets, self.label_ids)
-            self.label_word_sum = self.label_word_sum + torch.where(answered, per_review, 0.0).sum()
-            self.reviews = self.reviews + answered.sum()
-        return answer_cross_entropy(logits, targets, num_items_in_batch)
+            label_word_sum, reviews = torch.where(answered, per_review, 0.0).sum(), answered.sum()
+        return answer_cross_entropy(logits, targets, num_items_in_batch), label_word_sum, reviews
+
+    def add(self, label_word_sum: torch.Tensor, reviews: torch.Tensor) -> None:
+        self.label_word_sum = self.label_word_sum + label_word_sum
+        self.reviews = self.reviews + reviews
 
     def on_log(
         self,
@@ -356,6 +390,8 @@ def micro_batch_tokens(lengths: np.ndarray, order: np.ndarray, params: Params) -
     seq = (lengths[order] + 1).reshape(-1, execution.micro_batch)
     if execution.padding == "max_length":
         computed = np.full(len(seq), params.data.max_length * execution.micro_batch)
+    elif execution.padding == "flattened" and execution.cuda_graphs:  # one row, up to a multiple of graph_tokens
+        computed = -(-(seq.sum(axis=1) + 1) // execution.graph_tokens) * execution.graph_tokens
     elif execution.padding == "flattened":  # one row, no padding
         computed = seq.sum(axis=1)
     elif execution.padding == "longest":
@@ -544,7 +580,8 @@ def fine_tune(
         callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size, sampler), loss]
         if live is not None:  # None on ranks other than 0: one process writes the series
             callbacks += [LiveStep(live), DVCLiveCallback(live=live)]
-        return Trainer(
+        trainer = GraphedTrainer if params.execution.cuda_graphs else Trainer
+        return trainer(
             model=model,
             args=training_arguments(run_params, checkpoints),
             train_dataset=dataset,

@@ -81,6 +81,8 @@ def test_int_accepted_where_float_expected(raw_params):
         ("models.deepseek.overrides", {"num_hidden_layers": 2}, "models.deepseek.overrides"),  # init: pretrained
         ("execution.precision", "fp16", "execution.precision"),  # with compute_dtype bfloat16
         ("data.prompt", "Review:\nSentiment:", "data.prompt"),
+        ("execution.cuda_graphs", True, "execution.cuda_graphs"),  # with padding packed
+        ("execution.graph_tokens", 0, "execution.graph_tokens"),
     ],
 )
 def test_bad_value_names_key(raw_params, dotted, value, named):
@@ -99,6 +101,15 @@ def test_fp16_with_float16_compute_is_fine(raw_params):
     raw = changed(changed(raw_params, "execution.precision", "fp16"), "execution.compute_dtype", "float16")
     params = parse_params(raw)
     assert (params.execution.precision, params.execution.compute_dtype) == ("fp16", "float16")
+
+
+def test_cuda_graphs_need_flattened_rows_and_a_padding_within_a_sequence(raw_params):
+    flattened = changed(changed(raw_params, "execution.cuda_graphs", True), "execution.padding", "flattened")
+    assert parse_params(flattened).execution.cuda_graphs
+    with pytest.raises(ParamsError, match=r"execution\.cuda_graphs"):
+        parse_params(changed(flattened, "execution.compile", True))
+    with pytest.raises(ParamsError, match=r"execution\.graph_tokens: 1024 is longer than data\.max_length 512"):
+        parse_params(changed(flattened, "execution.graph_tokens", 1024))
 
 
 def test_overrides_allowed_with_random_init(raw_params):

@@ -180,6 +180,31 @@ def test_flattened_lays_every_review_in_one_row_through_transformers_collator():
     assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == batch["max_length_k"] == 10
 
 
+@pytest.mark.parametrize(("reviews", "width"), [((9, 3, 2), 24), ((9, 3, 1), 24), ((5, 2), 16)])
+def test_flattened_rows_for_cuda_graphs_are_padded_to_few_lengths(reviews: tuple[int, ...], width: int):
+    """With graph_tokens (execution.cuda_graphs) the flattened row is padded up to the next multiple of it by one
+    padding sequence, never empty (16 tokens become 24, not 16: every batch has as many sequences), unlabelled, its
+    positions from 0; the answers, their kept positions and the reviews' boundaries stay; the longest-sequence bound
+    is the row_tokens given (data.max_length), the same in every batch."""
+    prompts = [list(range(10 * i + 1, 10 * i + 1 + n)) for i, n in enumerate(reviews)]
+    labels = tuple(i % 2 for i in range(len(reviews)))
+    plain = AnswerCollator(pad_id=PAD, padding="flattened", row_tokens=32)(features(*prompts, labels=labels))
+    batch = AnswerCollator(pad_id=PAD, padding="flattened", row_tokens=32, graph_tokens=8)(
+        features(*prompts, labels=labels)
+    )
+    tokens = sum(reviews) + len(reviews)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, width)
+    assert batch["input_ids"][0, :tokens].tolist() == plain["input_ids"][0].tolist()
+    assert batch["input_ids"][0, tokens:].tolist() == [PAD] * (width - tokens)
+    assert batch["position_ids"][0, tokens:].tolist() == list(range(width - tokens))
+    assert (batch["labels"] != IGNORE).nonzero().tolist() == (plain["labels"] != IGNORE).nonzero().tolist()
+    assert batch["logits_to_keep"].tolist() == plain["logits_to_keep"].tolist()
+    ends = [*plain["cu_seq_lens_q"].tolist(), width]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == ends
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 32
+
+
 @pytest.mark.parametrize("row", [16, 64, 512])
 def test_packed_gives_the_padded_loss_and_gradients(tiny_model, row):
     """Packing changes how the work is laid out, not what is learned: the loss and every gradient equal those of
@@ -200,19 +225,22 @@ def test_packed_gives_the_padded_loss_and_gradients(tiny_model, row):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_flattened_gives_the_padded_loss_and_gradients(tiny_model):
-    """transformers' padding-free collator (one row) learns what one left-padded review per row learns."""
+@pytest.mark.parametrize("graph_tokens", [0, 16])
+def test_flattened_gives_the_padded_loss_and_gradients(tiny_model, graph_tokens: int):
+    """transformers' padding-free collator (one row) learns what one left-padded review per row learns; so does that
+    row padded for CUDA graphs (the padding a sequence of its own)."""
     lengths = (12, 5, 9, 3, 14, 2)
     results = []
     for padding in ("longest", "flattened"):
         tiny_model.zero_grad(set_to_none=True)
-        batch = tiny_batch(seed=2, lengths=lengths, padding=padding)
+        batch = tiny_batch(seed=2, lengths=lengths, padding=padding, graph_tokens=graph_tokens)
         loss = answer_loss(forward(tiny_model, batch, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
         loss.backward()
         results.append((loss.item(), gradients(tiny_model), batch["input_ids"].shape))
     (padded_loss, padded_grads, _), (flat_loss, flat_grads, flat_shape) = results
     tiny_model.zero_grad(set_to_none=True)
-    assert flat_shape == (1, sum(lengths) + len(lengths))  # each review and its answer, nothing else
+    tokens = sum(lengths) + len(lengths)  # each review and its answer
+    assert flat_shape == (1, -(-(tokens + 1) // graph_tokens) * graph_tokens if graph_tokens else tokens)
     assert flat_loss == pytest.approx(padded_loss, abs=1e-5)
     for ref, got in zip(padded_grads, flat_grads, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
@@ -221,10 +249,16 @@ def test_flattened_gives_the_padded_loss_and_gradients(tiny_model):
 # --- answer_loss on a tiny random Llama ----------------------------------------------------------------------------
 
 
-def tiny_batch(seed: int, lengths: tuple[int, ...] = (12, 5, 9, 3), padding: str = "longest", row: int = 512) -> dict:
+def tiny_batch(
+    seed: int,
+    lengths: tuple[int, ...] = (12, 5, 9, 3),
+    padding: str = "longest",
+    row: int = 512,
+    graph_tokens: int = 0,
+) -> dict:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 300, size=n).tolist() for n in lengths]
-    return AnswerCollator(pad_id=PAD, padding=padding, row_tokens=row)(features(*prompts))
+    return AnswerCollator(pad_id=PAD, padding=padding, row_tokens=row, graph_tokens=graph_tokens)(features(*prompts))
 
 
 def forward(model, batch: dict, **kwargs):
@@ -321,6 +355,11 @@ def test_step_token_counts(params):
     assert step_token_counts(lengths, order, packed)[1].tolist() == [16 + 32, 24 + 24, 64 + 16]
     flattened = dataclasses.replace(small, execution=dataclasses.replace(execution, padding="flattened"))
     assert step_token_counts(lengths, order, flattened)[1].tolist() == real.tolist()  # no padding computed
+    graphed = dataclasses.replace(
+        small, execution=dataclasses.replace(execution, padding="flattened", cuda_graphs=True, graph_tokens=16)
+    )
+    # Micro-batches of 15, 29 | 18, 19 | 34, 12 tokens, each with at least one padding token up to a multiple of 16.
+    assert step_token_counts(lengths, order, graphed)[1].tolist() == [16 + 32, 32 + 32, 48 + 16]
 
 
 def test_telemetry_adds_throughput_and_stops_on_nan(tmp_path):
@@ -571,3 +610,12 @@ def test_model_flops_count_the_projections_and_the_recomputed_layers(monkeypatch
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0 and peak_tflops("NVIDIA H100 PCIe", "fp16") == 756.0
     assert peak_tflops("NVIDIA L40S", "bf16") == 362.0 and peak_tflops("NVIDIA L4", "bf16") == 121.0
     assert peak_tflops("NVIDIA H200", "fp32") is None and peak_tflops("cpu", "bf16") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_model, tmp_path):
+    from duel.graphs import GraphedTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(TrainingError, match=r"execution\.cuda_graphs: needs a CUDA GPU; set it to false"):
+        GraphedTrainer(model=tiny_model, args=args)
