@@ -292,13 +292,18 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
+    "graphs": {"execution": {"padding": "flattened", "cuda_graphs": True}},  # a CUDA graph per row length
+    "graphs-4bit": {"execution": {"padding": "flattened", "cuda_graphs": True, "dequantize_base": False}},
     "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED},
     "compiled-warm": {"execution": {"dequantize_base": True} | COMPILED},
 }
 
 
-def sweep(key: str, profiles: list[Path], steps: int, variants: list[str], with_baseline: bool = True) -> None:
-    """The baseline, then N steps of the finetune stage per variant, on the same 16 x N training reviews."""
+def sweep(
+    key: str, profiles: list[Path], steps: int, variants: list[str], with_baseline: bool = True
+) -> dict[str, Any]:
+    """The baseline, then N steps of the finetune stage per variant, on the same 16 x N training reviews (the data
+    section returned)."""
     if with_baseline:
         baseline(key, 16, 1, 4)
     data = prepare_steps(key, profiles, steps)
@@ -307,6 +312,7 @@ def sweep(key: str, profiles: list[Path], steps: int, variants: list[str], with_
         if variant == "compiled-cold":
             shutil.rmtree(CALL_CACHE, ignore_errors=True)
         finetune(key, f"sweep-{variant}", CALL_CACHE if variant.startswith("compiled-") else None)
+    return data
 
 
 def profile_steps(key: str, profiles: list[Path], data: dict[str, Any]) -> None:
@@ -376,7 +382,9 @@ def main() -> None:
             continue
         if args.sweep:
             variants = args.variants.split(",") if args.variants else list(SWEEP)
-            sweep(key, profiles, args.sweep, variants, with_baseline=not args.no_baseline)
+            data = sweep(key, profiles, args.sweep, variants, with_baseline=not args.no_baseline)
+            if args.profile_step:  # the default recipe's steps 3-5, on the sweep's reviews
+                profile_steps(key, profiles, data)
             gpu_tests(key, args)
             continue
         if not baseline_last:

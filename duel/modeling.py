@@ -19,11 +19,19 @@ from duel.params import ExecutionParams, ModelParams, Params, QuantizationParams
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def attention_implementation(requested: str, packed: bool) -> str:
+def attention_implementation(requested: str, packed: bool, graphs: bool = False) -> str:
     """execution.attention resolved for training on packed rows (packed true) or for batches of left-padded reviews (the
     paper's padding, and scoring). auto: flash_attention_2 where flash-attn is installed; else, for packed rows on
     CUDA, varlen (PyTorch's own variable-length Flash Attention, duel.attention); else sdpa. varlen asked for
-    padded batches gives sdpa."""
+    padded batches gives sdpa. Under CUDA graphs (execution.cuda_graphs) auto is varlen, and only varlen will do:
+    transformers' Flash Attention 2 path looks for packed sequences with a host synchronisation, which a capture
+    forbids."""
+    if graphs and requested not in ("auto", attention.VARLEN):
+        raise ParamsError(
+            f"execution.attention: {requested} cannot be captured with execution.cuda_graphs; set auto or varlen"
+        )
+    if graphs:
+        requested = attention.VARLEN
     if requested == attention.VARLEN and not attention.varlen_available():
         raise ParamsError(
             "execution.attention: varlen needs an Ampere or newer CUDA GPU and PyTorch 2.9 or newer "

@@ -5,16 +5,20 @@ optimizer, checkpointing and kernels exactly as the params set them).
     DUEL_PROFILE=out/profile DUEL_PROFILE_STEPS=2:3 python -m stages.finetune llama
 
 profiles steps 3 to 5 (the first two run unprofiled: warm-up) and writes to out/profile/: kernels.txt (the
-operators and kernels that took the most device time, CUDA or CPU), steps.json (seconds per profiled step) and
-trace.json (a Chrome trace, for chrome://tracing or Perfetto). Without DUEL_PROFILE nothing is profiled. It changes
+operators and kernels that took the most device time, CUDA or CPU), steps.json (seconds per profiled step),
+idle.json (on a GPU: how much of the window the GPU computed, and what the host was doing while it did not) and
+trace.json.gz (a Chrome trace, for chrome://tracing or Perfetto). Without DUEL_PROFILE nothing is profiled. It changes
 nothing that is learned; it slows the profiled steps, so it is for runs that measure nothing else.
 """
 
 from __future__ import annotations
 
+import bisect
+import gzip
 import json
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +62,66 @@ class ProfileSteps(TrainerCallback):
         (self.folder / "kernels.txt").write_text(table)
         steps = {"first_step": self.skip + 1, "steps": self.count, "seconds_per_step": round(seconds / self.count, 4)}
         (self.folder / "steps.json").write_text(json.dumps(steps, indent=2) + "\n")
-        profiler.export_chrome_trace(str(self.folder / "trace.json"))
-        print(f"profile: steps {self.skip + 1}-{self.skip + self.count} in {self.folder}/ (kernels.txt, trace.json)")
+        trace = self.folder / "trace.json.gz"
+        profiler.export_chrome_trace(str(trace))  # gzipped, as the name ends in .gz
+        if torch.cuda.is_available():
+            with gzip.open(trace, "rt") as file:
+                idle = idle_summary(json.load(file)["traceEvents"])
+            (self.folder / "idle.json").write_text(json.dumps(idle, indent=2) + "\n")
+        print(f"profile: steps {self.skip + 1}-{self.skip + self.count} in {self.folder}/ (kernels.txt, trace.json.gz)")
+
+
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_WORK = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
+
+
+def idle_summary(events: list[dict[str, Any]], gap_us: float = 10.0) -> dict[str, Any]:
+    """From a Chrome trace's events (microseconds): the share of the window from the first kernel's start to the last
+    one's end in which the GPU ran something, its idle gaps of gap_us or more, and, per host event name, how long it
+    ran inside those gaps (nested operators each count: a name is "running while the GPU waited"), the top ROWS per
+    category (cpu_op: PyTorch operators, cuda_runtime: launches and synchronisations, user_annotation: the
+    Trainer's and optimizer's own ranges)."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") in DEVICE_WORK)
+    if not spans:
+        return {"kernels": 0}
+    gaps: list[tuple[float, float]] = []
+    busy = 0.0
+    start, end = spans[0]
+    for span_start, span_end in spans[1:]:
+        if span_start > end:
+            busy += end - start
+            if span_start - end >= gap_us:
+                gaps.append((end, span_start))
+            start, end = span_start, span_end
+        else:
+            end = max(end, span_end)
+    busy += end - start
+    window = end - spans[0][0]
+    starts = [gap[0] for gap in gaps]
+    inside: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for event in events:
+        if event.get("cat") not in HOST_WORK:
+            continue
+        begin, finish = event["ts"], event["ts"] + event.get("dur", 0)
+        i = max(bisect.bisect_right(starts, begin) - 1, 0)
+        while i < len(gaps) and gaps[i][0] < finish:
+            overlap = min(finish, gaps[i][1]) - max(begin, gaps[i][0])
+            if overlap > 0:
+                inside[event["cat"]][event["name"]] += overlap
+            i += 1
+    durations = sorted(e.get("dur", 0) for e in events if e.get("cat") == "kernel")
+    return {
+        "window_ms": round(window / 1e3, 3),
+        "device_busy_share": round(busy / window, 4) if window else None,
+        "idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 3),
+        "gaps": len(gaps),
+        "kernels": len(durations),
+        "kernel_us_median": durations[len(durations) // 2] if durations else None,
+        "host_during_idle_ms": {
+            category: [[name, round(us / 1e3, 3)] for name, us in sorted(names.items(), key=lambda kv: -kv[1])[:ROWS]]
+            for category, names in inside.items()
+        },
+    }
 
 
 def from_environment() -> ProfileSteps | None:

@@ -73,7 +73,8 @@ def main() -> None:
     order = training_order(lengths, params.train.steps, params.train.batch_size, params.seeds.train)
     dataset = ReviewDataset(train.iloc[order], answer_ids)
 
-    attention = attention_implementation(execution.attention, execution.padding in ("packed", "flattened"))
+    packed = execution.padding in ("packed", "flattened")
+    attention = attention_implementation(execution.attention, packed, execution.cuda_graphs)
     kernels = kernels_implementation(execution.kernels, execution.compile)
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model_params = params.model(key)

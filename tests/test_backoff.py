@@ -4,6 +4,7 @@ micro-batch, the run goes on from the last completed step and ends where a run a
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from transformers import LlamaForCausalLM, Trainer
 
 from duel.checkpointing import switch_on_checkpointing
 from duel.params import Params, ParamsError
-from duel.profiling import ProfileSteps, from_environment
+from duel.profiling import ProfileSteps, from_environment, idle_summary
 from duel.training import (
     AnswerCollator,
     ReviewDataset,
@@ -157,7 +158,30 @@ def test_profiler_wraps_the_trainers_own_steps(params: Params, tmp_path: Path) -
     assert "aten::mm" in (tmp_path / "profile" / "kernels.txt").read_text()  # the LoRA and base matrix products
     steps = json.loads((tmp_path / "profile" / "steps.json").read_text())
     assert steps["first_step"] == 2 and steps["steps"] == 2 and steps["seconds_per_step"] > 0
-    assert json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
+    with gzip.open(tmp_path / "profile" / "trace.json.gz", "rt") as trace:
+        assert json.load(trace)["traceEvents"]
+
+
+def test_idle_summary_finds_the_gpus_gaps_and_what_the_host_did_in_them() -> None:
+    """Two kernels overlap (one busy span), then a 50 us gap in which the host synchronised for 30 us inside an
+    operator, a 5 us gap (too short to count), and a last kernel: busy 90 of 145 us."""
+    events = [
+        {"cat": "kernel", "name": "gemm", "ts": 0, "dur": 40},
+        {"cat": "kernel", "name": "add", "ts": 20, "dur": 30},
+        {"cat": "gpu_memcpy", "name": "copy", "ts": 100, "dur": 10},
+        {"cat": "kernel", "name": "gemm", "ts": 115, "dur": 30},
+        {"cat": "cpu_op", "name": "aten::item", "ts": 45, "dur": 60},
+        {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 60, "dur": 30},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10},  # while the GPU ran: not counted
+        {"cat": "python_function", "name": "step", "ts": 0, "dur": 145},  # not a host work category
+    ]
+    idle = idle_summary(events)
+    assert idle["device_busy_share"] == round(90 / 145, 4) and idle["gaps"] == 1 and idle["idle_ms"] == 0.05
+    assert idle["kernels"] == 3 and idle["kernel_us_median"] == 30
+    assert idle["host_during_idle_ms"] == {
+        "cpu_op": [["aten::item", 0.05]],
+        "cuda_runtime": [["cudaStreamSynchronize", 0.03]],
+    }
 
 
 def test_profiler_is_asked_for_by_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -435,3 +435,75 @@ def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Pa
         results[attention] = loss_and_lora_grads(model, inputs, labels)
         del model
     assert_same_loss_and_grads(results["sdpa"], results["varlen"])
+
+
+@pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointed"])
+@pytest.mark.parametrize("dequantize", [False, True], ids=["4bit", "dequantized"])
+def test_cuda_graphs_train_as_the_eager_trainer(
+    params: Params, base_dir: Path, tmp_path: Path, dequantize: bool, checkpointing: bool
+):
+    """execution.cuda_graphs: the Trainer replaying a captured graph per row length (duel/graphs.py) against the
+    plain Trainer on the same flattened rows (padded for the graphs) and varlen attention: 4 steps of 2 micro-batches
+    of 4 reviews (gradient accumulation through the graphs' own gradient tensors, the Trainer's zero_grad between
+    steps) log the same losses and leave the same LoRA weights, up to bf16 rounding; the run captured fewer graphs than
+    it had micro-batches (the others replayed). No LoRA dropout: the graphs draw their masks at other offsets."""
+    from transformers import Trainer
+
+    from duel.graphs import GraphedTrainer
+    from duel.training import training_arguments
+
+    setup = setup_for(params, RECIPES["packed"])
+    pinned = dataclasses.replace(
+        setup.params,
+        lora=dataclasses.replace(setup.params.lora, dropout=0.0),
+        train=dataclasses.replace(setup.params.train, steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=0),
+        execution=dataclasses.replace(
+            setup.params.execution,
+            micro_batch=4,
+            padding="flattened",
+            cuda_graphs=True,
+            graph_tokens=32,
+            gradient_checkpointing=checkpointing,
+            dequantize_base=dequantize,
+            logging_steps=1,
+            save_steps=0,
+        ),
+    )
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {
+            "input_ids": [rng.integers(10, VOCAB, size=n).tolist() for n in rng.integers(3, 40, size=32)],
+            "label": [i % 2 for i in range(32)],
+        }
+    )
+    dataset = ReviewDataset(frame, ANSWERS)
+    collate = AnswerCollator(pad_id=PAD, padding="flattened", row_tokens=64, graph_tokens=32)
+    runs = {}
+    for graphed in (False, True):
+        base = load_base_model(base_dir, setup.model, pinned, "varlen")
+        if dequantize:
+            base = base_for_training(base, pinned.execution, True)
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        model = add_lora(base, setup.model, pinned)
+        trainer_class = GraphedTrainer if graphed else Trainer
+        trainer = trainer_class(
+            model=model,
+            args=training_arguments(pinned, tmp_path / f"run-{graphed}"),
+            train_dataset=dataset,
+            data_collator=collate,
+            compute_loss_func=AnswerLoss(ANSWERS),
+        )
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        lora = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+        runs[graphed] = (losses, lora, len(getattr(trainer, "captured", {})))
+        del trainer, model, base
+    (eager_losses, eager_lora, _), (graph_losses, graph_lora, captured) = runs[False], runs[True]
+    print(f"losses eager {eager_losses}, graphed {graph_losses}; {captured} graphs for 7 micro-batches after the first")
+    assert len(eager_losses) == len(graph_losses) == 4 and all(np.isfinite(graph_losses))
+    np.testing.assert_allclose(graph_losses, eager_losses, rtol=2e-2)
+    assert 1 <= captured < 7
+    for name, weight in eager_lora.items():
+        difference = (graph_lora[name] - weight).norm() / weight.norm().clamp_min(1e-12)
+        assert difference < 2e-2, (name, float(difference))

@@ -93,6 +93,10 @@ def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     assert modeling.attention_implementation("eager", packed=True) == "eager"
     flash["flash_attn"] = True
     assert modeling.attention_implementation("auto", packed=True) == "flash_attention_2"
+    # CUDA graphs capture varlen only: transformers' Flash Attention 2 path synchronises with the host.
+    assert modeling.attention_implementation("auto", packed=True, graphs=True) == "varlen"
+    with pytest.raises(modeling.ParamsError, match=r"^execution\.attention: flash_attention_2 cannot be captured"):
+        modeling.attention_implementation("flash_attention_2", packed=True, graphs=True)
 
 
 GIB = 2**30
