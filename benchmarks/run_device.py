@@ -346,6 +346,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="--sweep without the baseline (no speed ratios)")
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--gpu-tests", action="store_true")
+    parser.add_argument("--gpu-tests-k", help="with --gpu-tests: only the GPU tests pytest -k selects")
     parser.add_argument("--profile-step", action="store_true", help="profile steps 3-5 of the finetune stage")
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
     parser.add_argument("--sweep", type=int, default=0, help="N steps of the finetune stage per SWEEP variant")
@@ -425,9 +426,12 @@ def main() -> None:
 
 
 def gpu_tests(key: str, args: argparse.Namespace) -> None:
-    """--gpu-tests: `pytest -m gpu` once, after the first model's runs."""
+    """--gpu-tests: `pytest -m gpu` once, after the first model's runs (--gpu-tests-k: a pytest -k selection)."""
     if args.gpu_tests and key == args.keys[0]:
-        code, _, stdout = call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-ra", "tests/test_gpu.py"], "gpu")
+        select = ["-k", args.gpu_tests_k] if args.gpu_tests_k else []
+        code, _, stdout = call(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-ra", *select, "tests/test_gpu.py"], "gpu"
+        )
         emit("gpu_tests", key, "pytest", {"exit": code, "summary": stdout.strip().splitlines()[-1:]})
 
 
