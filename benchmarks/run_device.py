@@ -292,6 +292,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
+    "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows
     "graphs": {"execution": {"padding": "flattened", "cuda_graphs": True}},  # a CUDA graph per row length
     "graphs-4bit": {"execution": {"padding": "flattened", "cuda_graphs": True, "dequantize_base": False}},
     "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED},

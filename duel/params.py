@@ -159,10 +159,12 @@ class ExecutionParams:
     pack_tokens: int
     """Target row length for padding: packed: a micro-batch's reviews go into ceil(tokens / pack_tokens) rows of
     about equal length (at least data.max_length)."""
-    attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"]
+    attention: Literal["auto", "flash_attention_2", "varlen", "flex_attention", "sdpa", "eager"]
     """auto: flash_attention_2 when installed; else, for packed rows on an Ampere or newer CUDA GPU, varlen (PyTorch's
-    own variable-length Flash Attention: each packed review's causal block only, no mask); else sdpa. Scoring
-    (left-padded batches) uses sdpa where training uses varlen. The one used is recorded."""
+    own variable-length Flash Attention: each packed review's causal block only, no mask); else sdpa. flex_attention:
+    transformers' FlexAttention on its packed-sequence block mask (training on CUDA only: it has no backward pass on
+    the CPU). Scoring (left-padded batches) uses sdpa where training uses varlen or flex_attention. The one used is
+    recorded."""
     kernels: Literal["auto", "liger", "none"]
     """Fused Triton kernels for RMSNorm, RoPE and SwiGLU through transformers' Liger integration (training and
     scoring). auto: liger on a CUDA machine with liger-kernel installed (requirements-gpu.txt), else none."""

@@ -418,23 +418,25 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
 
 
 @pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")
-def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Params, base_dir: Path):
-    """execution.attention varlen (PyTorch's variable-length Flash Attention on the collator's cu_seq_lens) against SDPA
-    on transformers' packed-sequence mask: on the 4-bit LoRA model and a packed batch, the same loss and LoRA
-    gradients up to bf16 rounding."""
+@pytest.mark.parametrize("kernel", ["varlen", "flex_attention"])
+def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Params, base_dir: Path, kernel: str):
+    """execution.attention varlen (PyTorch's variable-length Flash Attention on the collator's cu_seq_lens) and
+    flex_attention (transformers' FlexAttention on its packed-sequence block mask) against SDPA on transformers'
+    packed-sequence mask: on the 4-bit LoRA model and a packed batch, the same loss and LoRA gradients up to bf16
+    rounding."""
     setup = setup_for(params, RECIPES["packed"])
     dataset = ReviewDataset(reviews_frame(), ANSWERS)
     batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)(list(dataset))
     labels = batch.pop("labels").cuda()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     results = {}
-    for attention in ("sdpa", "varlen"):
+    for attention in ("sdpa", kernel):
         torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
         model = add_lora(load_base_model(base_dir, setup.model, setup.params, attention), setup.model, setup.params)
         assert model.config._attn_implementation == attention
         results[attention] = loss_and_lora_grads(model, inputs, labels)
         del model
-    assert_same_loss_and_grads(results["sdpa"], results["varlen"])
+    assert_same_loss_and_grads(results["sdpa"], results[kernel])
 
 
 @pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")

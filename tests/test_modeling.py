@@ -79,6 +79,9 @@ def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     assert modeling.attention_implementation("auto", packed=True) == "sdpa"
     with pytest.raises(modeling.ParamsError, match=r"^execution\.attention: varlen needs an Ampere or newer CUDA GPU"):
         modeling.attention_implementation("varlen", packed=True)
+    with pytest.raises(modeling.ParamsError, match=r"^execution\.attention: flex_attention trains on a CUDA GPU only"):
+        modeling.attention_implementation("flex_attention", packed=True)
+    assert modeling.attention_implementation("flex_attention", packed=False) == "sdpa"  # scoring
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
     assert not attention.varlen_available()
@@ -91,12 +94,16 @@ def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     assert modeling.attention_implementation("auto", packed=False) == "sdpa"
     assert modeling.attention_implementation("varlen", packed=False) == "sdpa"
     assert modeling.attention_implementation("eager", packed=True) == "eager"
+    assert modeling.attention_implementation("flex_attention", packed=True) == "flex_attention"
+    assert modeling.attention_implementation("flex_attention", packed=False) == "sdpa"
     flash["flash_attn"] = True
     assert modeling.attention_implementation("auto", packed=True) == "flash_attention_2"
     # CUDA graphs capture varlen only: transformers' Flash Attention 2 path synchronises with the host.
     assert modeling.attention_implementation("auto", packed=True, graphs=True) == "varlen"
     with pytest.raises(modeling.ParamsError, match=r"^execution\.attention: flash_attention_2 cannot be captured"):
         modeling.attention_implementation("flash_attention_2", packed=True, graphs=True)
+    with pytest.raises(modeling.ParamsError, match=r"^execution\.attention: flex_attention cannot be captured"):
+        modeling.attention_implementation("flex_attention", packed=True, graphs=True)
 
 
 GIB = 2**30

@@ -246,6 +246,27 @@ def test_flattened_gives_the_padded_loss_and_gradients(tiny_model, graph_tokens:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("padding", ["packed", "flattened"])
+def test_flex_attention_gives_the_padded_loss(padding: str):
+    """execution.attention flex_attention: transformers' FlexAttention on packed or flattened rows computes the loss of
+    one left-padded review per row under SDPA (on the CPU, the forward pass only: FlexAttention has no backward pass
+    there; the GPU test compares gradients)."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    lengths = (12, 5, 9, 3, 14, 2)
+    losses = {}
+    for attention, layout in (("sdpa", "longest"), ("flex_attention", padding)):
+        torch.manual_seed(0)  # the same weights for both
+        model = LlamaForCausalLM(tiny_llama_config(attn_implementation=attention, hidden_size=64)).eval()
+        batch = tiny_batch(seed=2, lengths=lengths, padding=layout, row=32)
+        with torch.no_grad():
+            outputs = forward(model, batch, logits_to_keep=batch["logits_to_keep"])
+            losses[attention] = answer_loss(outputs, batch["labels"]).item()
+        assert model.config._attn_implementation == attention
+    assert losses["flex_attention"] == pytest.approx(losses["sdpa"], abs=1e-5)
+
+
 # --- answer_loss on a tiny random Llama ----------------------------------------------------------------------------
 
 
