@@ -290,6 +290,13 @@ CASES = {
         {"execution.attention": "varlen"},
         prepared=True,
     ),
+    "flex": Case(
+        "`execution.attention: flex_attention` for training on a CPU",
+        0,
+        ("finetune", "llama"),
+        {"execution.attention": "flex_attention"},
+        prepared=True,
+    ),
     "liger": Case(
         "`execution.kernels: liger` without the package, or with `execution.compile`",
         1 if LIGER_INSTALLED else 0,
