@@ -116,6 +116,7 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         notes = [f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""]
         dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
         notes.append("base dequantized" if dequantized else "")
+        notes.append(f"{data.get('padding')} rows, CUDA graphs" if data.get("cuda_graphs") else "")
         if cache := data.get("compile_cache"):  # compiled layers: how many graphs the process compiled itself
             compiled, cached = cache["graphs_compiled"], cache["graphs_from_cache"]
             spent = f" in {cache['seconds']:g} s" if "seconds" in cache else ""

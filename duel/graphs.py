@@ -18,6 +18,7 @@ the same time.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,12 @@ class GraphedTrainer(Trainer):
             return loss
         length = inputs["input_ids"].shape[1]
         if length not in self.captured:
+            started = time.perf_counter()
             self.captured[length] = self.capture(model, inputs, num_items_in_batch)
+            seconds = time.perf_counter() - started
+            print(
+                f"cuda_graphs: captured the {length}-token row's step in {seconds:.1f} s ({len(self.captured)} graphs)"
+            )
         captured = self.captured[length]
         load(captured, inputs, num_items_in_batch)
         captured.graph.replay()

@@ -708,6 +708,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "quantization": quantization_name(params.quantization),
         "base_weights": base_weights(model),
         "padding": params.execution.padding,
+        "cuda_graphs": params.execution.cuda_graphs,
         "gradient_checkpointing": f"{checkpointed_layers(model)} of {len(decoder_layers(model))} layers",
         "offloaded_checkpoints": offloaded_layers(model),
         "memory": memory_kind(),
