@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 VARLEN = "varlen"
+FLEX = "flex_attention"  # transformers' own FlexAttention, on its packed-sequence block mask
 
 
 def varlen_available() -> bool:

@@ -18,7 +18,6 @@ the same time.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from transformers import Trainer
 
 from duel.errors import TrainingError
+from duel.telemetry import Stopwatch
 
 
 @dataclass
@@ -72,9 +72,9 @@ class GraphedTrainer(Trainer):
             return loss
         length = inputs["input_ids"].shape[1]
         if length not in self.captured:
-            started = time.perf_counter()
+            watch = Stopwatch()
             self.captured[length] = self.capture(model, inputs, num_items_in_batch)
-            seconds = time.perf_counter() - started
+            seconds = watch.elapsed_s()
             print(
                 f"cuda_graphs: captured the {length}-token row's step in {seconds:.1f} s ({len(self.captured)} graphs)"
             )

@@ -19,9 +19,6 @@ from duel.params import ExecutionParams, ModelParams, Params, QuantizationParams
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-FLEX = "flex_attention"
-
-
 def attention_implementation(requested: str, packed: bool, graphs: bool = False) -> str:
     """execution.attention resolved for training on packed rows (packed true) or for batches of left-padded reviews (the
     paper's padding, and scoring). auto: flash_attention_2 where flash-attn is installed; else, for packed rows on
@@ -36,7 +33,7 @@ def attention_implementation(requested: str, packed: bool, graphs: bool = False)
         )
     if graphs:
         requested = attention.VARLEN
-    if requested == FLEX and packed and not torch.cuda.is_available():
+    if requested == attention.FLEX and packed and not torch.cuda.is_available():
         raise ParamsError(
             "execution.attention: flex_attention trains on a CUDA GPU only (PyTorch's FlexAttention has no backward "
             "pass on the CPU); set auto or sdpa"
@@ -50,7 +47,7 @@ def attention_implementation(requested: str, packed: bool, graphs: bool = False)
         if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
             return "flash_attention_2"
         requested = attention.VARLEN if packed and attention.varlen_available() else "sdpa"
-    return "sdpa" if requested in (attention.VARLEN, FLEX) and not packed else requested
+    return "sdpa" if requested in (attention.VARLEN, attention.FLEX) and not packed else requested
 
 
 def quantization_config(params: QuantizationParams, compute_dtype: str) -> BitsAndBytesConfig | None:
