@@ -294,6 +294,9 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
     "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows
     "graphs": {"execution": {"padding": "flattened", "cuda_graphs": True}},  # a CUDA graph per row length
+    "fused": {"execution": {"fuse_projections": True}},  # q/k/v and gate/up computed together (duel/fused.py)
+    "fused-4bit": {"execution": {"fuse_projections": True, "dequantize_base": False}},
+    "graphs-fused": {"execution": {"padding": "flattened", "cuda_graphs": True, "fuse_projections": True}},
     "graphs-4bit": {"execution": {"padding": "flattened", "cuda_graphs": True, "dequantize_base": False}},
     "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED},
     "compiled-warm": {"execution": {"dequantize_base": True} | COMPILED},

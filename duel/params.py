@@ -175,6 +175,12 @@ class ExecutionParams:
     and SwiGLU itself); liger cannot be compiled. The compiled code is kept in torch's own cache
     (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_<user>), so later runs on the machine, and the other
     model's stage where the layer shapes match, start warm; training.json records how many graphs came from it."""
+    fuse_projections: bool
+    """Compute each decoder layer's LoRA projections that read the same input together (duel/fused.py): q/k/v in
+    one group, gate/up in another, each a single dropout kernel (a mask per projection, as PEFT draws them), one
+    batched product per LoRA factor and, over unquantized base weights, one base product; the layer launches about
+    half the kernels for its seven adapted projections. The adapter and what is learned are PEFT's; no compile
+    (inductor fuses the layer itself)."""
     cuda_graphs: bool
     """Capture each micro-batch's forward pass, loss and backward pass as a CUDA graph, once per row length, and replay
     it (duel/graphs.py): the host launches one graph instead of thousands of kernels, so the GPU stops waiting on it.
@@ -226,6 +232,11 @@ class ExecutionParams:
             raise ParamsError(
                 "execution.cuda_graphs: needs execution.padding: flattened (one row of few lengths per micro-batch) "
                 "and execution.compile: false; set those, or cuda_graphs: false"
+            )
+        if self.fuse_projections and self.compile:
+            raise ParamsError(
+                "execution.fuse_projections: cannot be compiled (inductor fuses the layer itself); "
+                "set fuse_projections: false or compile: false"
             )
         if self.precision == "fp16" and self.compute_dtype == "bfloat16":
             raise ParamsError(

@@ -35,6 +35,7 @@ from transformers.trainer_utils import TrainOutput
 from duel import profiling
 from duel.checkpointing import checkpointed_layers, decoder_layers, offloaded_layers, switch_on_checkpointing
 from duel.errors import TrainingError
+from duel.fused import fused_groups
 from duel.graphs import GraphedTrainer
 from duel.modeling import base_weights, compile_summary, quantization_name
 from duel.parallel import barrier, world_size
@@ -708,6 +709,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "quantization": quantization_name(params.quantization),
         "base_weights": base_weights(model),
         "padding": params.execution.padding,
+        "fused_projections": fused_groups(model),
         "cuda_graphs": params.execution.cuda_graphs,
         "gradient_checkpointing": f"{checkpointed_layers(model)} of {len(decoder_layers(model))} layers",
         "offloaded_checkpoints": offloaded_layers(model),

@@ -28,6 +28,7 @@ from transformers import set_seed
 
 from duel import cli, parallel
 from duel.checkpointing import checkpointed_layers, decoder_layers, limit_gpu_memory
+from duel.fused import fuse_projections
 from duel.hub import load_tokenizer, model_info, versions
 from duel.io import atomic_dir, read_json, write_json
 from duel.modeling import (
@@ -82,13 +83,14 @@ def main() -> None:
     loaded = base_for_training(loaded, execution, params.quantization.enabled)
     check_lora_targets(loaded, key, model_params.lora_targets)
     model = add_lora(loaded, model_params, params, largest)
+    fused = fuse_projections(model) if execution.fuse_projections else 0
     compile_layers(model, execution.compile)
     layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))}"
     budget = f"{execution.memory_budget_gib:g} GiB" if execution.memory_budget_gib else "none"
     print(
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
         f"{execution.gradient_checkpointing}, memory budget {budget}, largest micro-batch {largest} tokens), "
-        f"base weights {base_weights(model)}"
+        f"base weights {base_weights(model)}, fused projection groups {fused}"
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])

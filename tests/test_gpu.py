@@ -509,3 +509,32 @@ def test_cuda_graphs_train_as_the_eager_trainer(
     for name, weight in eager_lora.items():
         difference = (graph_lora[name] - weight).norm() / weight.norm().clamp_min(1e-12)
         assert difference < 2e-2, (name, float(difference))
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["4bit", "dequantized"])
+def test_fused_projections_compute_the_same_loss_and_gradients(params: Params, base_dir: Path, dequantize: bool):
+    """execution.fuse_projections: q/k/v and gate/up computed together (duel/fused.py) over the 4-bit base (each
+    member's own bitsandbytes product) and over the dequantized one (one product over the fused weight), under bf16
+    autocast, against PEFT's own projections: the same loss and LoRA gradients up to bf16 rounding. No LoRA dropout:
+    the fused groups draw their masks in another order."""
+    from duel.fused import fuse_projections, fused_groups
+
+    setup = setup_for(params, RECIPES["packed"])
+    pinned = dataclasses.replace(setup.params, lora=dataclasses.replace(setup.params.lora, dropout=0.0))
+    dataset = ReviewDataset(reviews_frame(), ANSWERS)
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)(list(dataset))
+    labels = batch.pop("labels").cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    results = {}
+    for fused in (False, True):
+        base = load_base_model(base_dir, setup.model, pinned, ATTENTION)
+        if dequantize:
+            base = base_for_training(base, dataclasses.replace(pinned.execution, dequantize_base=True), True)
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        model = add_lora(base, setup.model, pinned)
+        if fused:
+            assert fuse_projections(model) == fused_groups(model) == 2 * LAYERS
+        results[fused] = loss_and_lora_grads(model, inputs, labels)
+        del model, base
+    print(f"loss {results[False][0]} plain, {results[True][0]} fused")
+    assert_same_loss_and_grads(results[False], results[True])

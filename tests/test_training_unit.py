@@ -640,3 +640,75 @@ def test_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_model, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(TrainingError, match=r"execution\.cuda_graphs: needs a CUDA GPU; set it to false"):
         GraphedTrainer(model=tiny_model, args=args)
+
+
+# --- execution.fuse_projections ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_projections_give_the_same_loss_and_gradients(checkpointing: bool):
+    """execution.fuse_projections computes q/k/v and gate/up of each layer together (duel/fused.py): on a tiny LoRA
+    model over all seven projections, with and without checkpointing's recompute, the loss and every LoRA gradient
+    equal PEFT's own, the base weights are views into one fused weight (no copy left behind), and the adapter's
+    state dict keeps PEFT's names."""
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from duel.fused import fuse_projections
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    batch = tiny_batch(seed=3, lengths=(12, 5, 9, 3, 14, 2), padding="packed", row=40)
+    results, state_keys = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa", hidden_size=48, intermediate_size=96))
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(base, lora).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if fused:
+            assert fuse_projections(model) == 2 * 2  # two groups in each of two layers
+            attention = model.base_model.model.model.layers[0].self_attn
+            weights = [attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight]
+            assert weights[0].untyped_storage().data_ptr() == weights[1].untyped_storage().data_ptr()
+        loss = answer_loss(forward(model, batch, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+        state_keys.append(sorted(model.state_dict()))
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    assert state_keys[0] == state_keys[1]
+    assert fused_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 2 * 7 * 2
+    for name, ref in plain_grads.items():
+        assert ref.abs().sum() > 0, name
+        torch.testing.assert_close(fused_grads[name], ref, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_projections_draw_a_dropout_mask_per_member():
+    """With lora.dropout, each fused member's adapter sees its own mask over the shared input, at PEFT's rate: the
+    three attention projections' inputs are dropped independently, not together."""
+    from peft import LoraConfig, get_peft_model
+
+    from duel.fused import FusedGroup
+
+    torch.manual_seed(0)
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+
+    lora = LoraConfig(r=64, lora_dropout=0.5, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = get_peft_model(Attention(), lora).train()
+    inner = model.base_model.model
+    group = FusedGroup([inner.q_proj, inner.k_proj, inner.v_proj])
+    for member in group.members:  # each output is then the member's dropped input, scaled: 0 where it was dropped
+        member.lora_A["default"].weight.data = torch.eye(64)
+        member.lora_B["default"].weight.data = torch.eye(64)
+        member.base_layer.weight.data.zero_()
+    zero = [(out == 0).float() for out in group.outputs(torch.ones(4000, 64))]
+    assert all(z.mean().item() == pytest.approx(0.5, abs=0.01) for z in zero)
+    assert (zero[0] * zero[1]).mean().item() == pytest.approx(0.25, abs=0.01)  # independent masks
