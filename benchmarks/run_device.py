@@ -292,6 +292,8 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
+    "budget16": {"execution": {"memory_budget_gib": 16}},
+    "budget16-flattened": {"execution": {"memory_budget_gib": 16, "padding": "flattened"}},
     "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows
     "graphs": {"execution": {"padding": "flattened", "cuda_graphs": True}},  # a CUDA graph per row length
     "fused": {"execution": {"fuse_projections": True}},  # q/k/v and gate/up computed together (duel/fused.py)

@@ -89,13 +89,13 @@ class FusedGroup:
 def fuse_projections(model: Any) -> int:
     """Fuse each decoder layer's groups (GROUPS) whose members are all LoRA-adapted with equal shapes; the number of
     groups fused."""
-    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer  # PEFT's Linear, and its bitsandbytes Linear4bit over a 4-bit base
 
     fused = 0
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
-            if not all(isinstance(m, LoraLinear) for m in members):
+            if not all(isinstance(m, LoraLayer) for m in members):
                 continue
             shapes = {(m.in_features, m.out_features) for m in members}
             if len(shapes) > 1 or any(len(m.active_adapters) != 1 for m in members):
