@@ -294,6 +294,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
     "budget16": {"execution": {"memory_budget_gib": 16}},
     "budget16-flattened": {"execution": {"memory_budget_gib": 16, "padding": "flattened"}},
+    "budget16-fused": {"execution": {"memory_budget_gib": 16, "fuse_projections": True}},
     "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows
     "graphs": {"execution": {"padding": "flattened", "cuda_graphs": True}},  # a CUDA graph per row length
     "fused": {"execution": {"fuse_projections": True}},  # q/k/v and gate/up computed together (duel/fused.py)
