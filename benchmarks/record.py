@@ -117,6 +117,8 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
         notes.append("base dequantized" if dequantized else "")
         notes.append(f"{data.get('padding')} rows, CUDA graphs" if data.get("cuda_graphs") else "")
+        notes.append(f"{data['fused_projections']} projection groups fused" if data.get("fused_projections") else "")
+        notes.extend(f"{name}={value}" for name, value in data.get("env", {}).items())
         if cache := data.get("compile_cache"):  # compiled layers: how many graphs the process compiled itself
             compiled, cached = cache["graphs_compiled"], cache["graphs_from_cache"]
             spent = f" in {cache['seconds']:g} s" if "seconds" in cache else ""

@@ -182,13 +182,13 @@ def evaluate_result(key: str) -> dict[str, Any]:
     return {key: {"finetuned": read_json("metrics/evaluate.json")[key]}}
 
 
-def finetune(key: str, tag: str, cache: Path | None = None) -> float | None:
+def finetune(key: str, tag: str, cache: Path | None = None, env: dict[str, str] | None = None) -> float | None:
     """The finetune stage of one model, its result emitted when it ends well; the stage process's seconds, None when
     it failed."""
-    code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}", cache=cache)
+    code, seconds, _ = call([sys.executable, "-m", "stages.finetune", key], f"finetune_{key}_{tag}", env, cache)
     if code:
         return None
-    emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds})
+    emit("finetune", key, tag, finetune_result(key) | {"stage_s": seconds, "env": env or {}})
     return seconds
 
 
@@ -278,7 +278,10 @@ ABLATION: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# How the default recipe's steps are executed, one choice changed per variant (what is learned stays the same).
+EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+# How the default recipe's steps are executed, one choice changed per variant (what is learned stays the same); "env"
+# holds environment variables of the stage's process rather than params.
 SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "rows-1024": {"execution": {"pack_tokens": 1024}},
@@ -292,6 +295,8 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
+    "expandable": {"env": EXPANDABLE},  # PyTorch's allocator grows segments instead of allocating new blocks
+    "flattened-expandable": {"execution": {"padding": "flattened"}, "env": EXPANDABLE},
     "budget16": {"execution": {"memory_budget_gib": 16}},
     "budget16-flattened": {"execution": {"memory_budget_gib": 16, "padding": "flattened"}},
     "budget16-fused": {"execution": {"memory_budget_gib": 16, "fuse_projections": True}},
@@ -315,10 +320,12 @@ def sweep(
         baseline(key, 16, 1, 4)
     data = prepare_steps(key, profiles, steps)
     for variant in variants:
-        write_params(key, profiles, data=data, train={"steps": steps}, **SWEEP[variant])
+        sections = dict(SWEEP[variant])
+        env = sections.pop("env", {})
+        write_params(key, profiles, data=data, train={"steps": steps}, **sections)
         if variant == "compiled-cold":
             shutil.rmtree(CALL_CACHE, ignore_errors=True)
-        finetune(key, f"sweep-{variant}", CALL_CACHE if variant.startswith("compiled-") else None)
+        finetune(key, f"sweep-{variant}", CALL_CACHE if variant.startswith("compiled-") else None, env)
     return data
 
 
