@@ -650,7 +650,8 @@ def test_fused_projections_give_the_same_loss_and_gradients(checkpointing: bool)
     """execution.fuse_projections computes q/k/v and gate/up of each layer together (duel/fused.py): on a tiny LoRA
     model over all seven projections, with and without checkpointing's recompute, the loss and every LoRA gradient
     equal PEFT's own, the base weights are views into one fused weight (no copy left behind), and the adapter's
-    state dict keeps PEFT's names."""
+    state dict keeps PEFT's names. With LoRA dropout too: on the CPU a group's one draw of its members' masks takes
+    the generator's numbers in the order PEFT's three draws take them, so even the masks are PEFT's."""
     from conftest import tiny_llama_config
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -663,7 +664,7 @@ def test_fused_projections_give_the_same_loss_and_gradients(checkpointing: bool)
     for fused in (False, True):
         torch.manual_seed(0)
         base = LlamaForCausalLM(tiny_llama_config(attn_implementation="sdpa", hidden_size=48, intermediate_size=96))
-        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, init_lora_weights=False)
         model = get_peft_model(base, lora).train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -673,6 +674,7 @@ def test_fused_projections_give_the_same_loss_and_gradients(checkpointing: bool)
             attention = model.base_model.model.model.layers[0].self_attn
             weights = [attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight]
             assert weights[0].untyped_storage().data_ptr() == weights[1].untyped_storage().data_ptr()
+        torch.manual_seed(1)  # the same dropout draws
         loss = answer_loss(forward(model, batch, logits_to_keep=batch["logits_to_keep"]), batch["labels"])
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
