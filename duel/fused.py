@@ -2,8 +2,9 @@
 MLP, computed together. PEFT runs each adapted projection on its own: the base product, the adapter's dropout, its
 two small products, the scaling and the sum, some six kernels each, 30 for the five. Fused, a group takes one
 dropout kernel for all its members' masks (drawn independently, as PEFT draws them), one batched product per LoRA
-factor, and, over unquantized base weights (dequantize_base, or no quantization), one base product whose weight is
-the members' weights end to end (they become views into it: no memory is added). Over a 4-bit base each member
+factor, and, over unquantized base weights (dequantize_base, or no quantization), one batched base product over the
+members' weights laid end to end (they become views into it: no memory is added), into which the second LoRA
+product adds the update. Over a 4-bit base each member
 keeps its own bitsandbytes product. The adapters' parameters stay PEFT's own, so the saved adapter, its checkpoints
 and the optimizer see the same tensors.
 
@@ -73,12 +74,14 @@ class FusedGroup:
         cast = first.cast_input_dtype_enabled and not torch.is_autocast_enabled(x.device.type)
         lora_in = flat.to(lora_a.dtype) if cast else flat
         dropped = F.dropout(lora_in.expand(n, *flat.shape), p, first.training)  # a mask of its own per member
-        update = torch.bmm(torch.bmm(dropped, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # n x tokens x out
+        low = torch.bmm(dropped, lora_a.transpose(1, 2))  # n x tokens x r
         scaling = first.scaling[self.adapter]
-        if self.weight is not None:  # one product over the fused weight, the updates added in place of n sums
-            base = F.linear(flat, self.weight).view(flat.shape[0], n, -1)
-            summed = torch.add(base, update.transpose(0, 1).to(base.dtype), alpha=scaling)
-            return [summed[:, i].view(*lead, -1) for i in range(n)]
+        if self.weight is not None:  # the base product and the update in two batched products, each member's own
+            # output contiguous (Liger's kernels and the attention would copy interleaved ones)
+            base = torch.bmm(flat.expand(n, *flat.shape), self.weight.view(n, -1, width).transpose(1, 2))
+            summed = torch.baddbmm(base, low.to(base.dtype), lora_b.transpose(1, 2).to(base.dtype), alpha=scaling)
+            return [summed[i].view(*lead, -1) for i in range(n)]
+        update = torch.bmm(low, lora_b.transpose(1, 2))  # n x tokens x out
         outs = []
         for i, member in enumerate(self.members):
             base = member.base_layer(x)
