@@ -3,7 +3,7 @@ the demo's tiny models, their per-step loss curves side by side.
 
     .venv/bin/python benchmarks/recipes_match.py     (writes benchmarks/recipes_match.{json,png}; about a minute)
 
-default: micro-batch 16, packed rows, unquantized weights in the compute dtype, checkpointing auto (on, on a CPU).
+default: micro-batch 16, one flattened row, unquantized weights in the compute dtype, checkpointing auto (on, on a CPU).
 paper layout: micro-batch 1 x accumulation 16, every review padded to data.max_length, PEFT's fp32 upcast,
 checkpointing on. Both in fp32 (CPUs have no fp16 autocast), so the comparison isolates how the work is laid out;
 the paper's fp16 against the default's bf16 needs a GPU and is not part of this run.

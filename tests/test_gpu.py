@@ -58,7 +58,7 @@ class Recipe:
     upcast_fp32: bool
 
 
-# params.yaml's default (packed rows, unquantized weights kept in bf16) and the paper's stack (every review padded to
+# packed rows (params.yaml's execution, unquantized weights kept in bf16) and the paper's stack (every review padded to
 # a fixed length, PEFT's prepare_model_for_kbit_training upcasting the unquantized weights to fp32), both in bf16.
 RECIPES = {"packed": Recipe("packed", 64, False), "paper-stack": Recipe("max_length", 48, True)}
 
