@@ -70,7 +70,6 @@ def test_int_accepted_where_float_expected(raw_params):
         ("execution.data_parallel", 2, "execution.data_parallel"),  # micro_batch 16 x 2 does not divide 16
         ("execution.memory_budget_gib", -4, "execution.memory_budget_gib"),
         ("execution.eval_batch_size", 0, "execution.eval_batch_size"),
-        ("execution.pack_tokens", 256, "execution.pack_tokens"),  # shorter than data.max_length 512
         ("train.warmup_steps", -1, "train.warmup_steps"),
         ("execution.save_steps", -1, "execution.save_steps"),
         ("seeds.data", -1, "seeds.data"),
@@ -81,7 +80,6 @@ def test_int_accepted_where_float_expected(raw_params):
         ("models.deepseek.overrides", {"num_hidden_layers": 2}, "models.deepseek.overrides"),  # init: pretrained
         ("execution.precision", "fp16", "execution.precision"),  # with compute_dtype bfloat16
         ("data.prompt", "Review:\nSentiment:", "data.prompt"),
-        ("execution.cuda_graphs", True, "execution.cuda_graphs"),  # with padding packed
         ("execution.graph_tokens", 0, "execution.graph_tokens"),
     ],
 )
@@ -101,6 +99,17 @@ def test_fp16_with_float16_compute_is_fine(raw_params):
     raw = changed(changed(raw_params, "execution.precision", "fp16"), "execution.compute_dtype", "float16")
     params = parse_params(raw)
     assert (params.execution.precision, params.execution.compute_dtype) == ("fp16", "float16")
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [("execution.pack_tokens", 256), ("execution.cuda_graphs", True)],  # shorter than data.max_length 512; one row
+)
+def test_packed_rows_refuse_short_rows_and_cuda_graphs(raw_params, dotted, value):
+    packed = changed(raw_params, "execution.padding", "packed")
+    assert parse_params(packed).execution.padding == "packed"
+    with pytest.raises(ParamsError, match=dotted.replace(".", r"\.")):
+        parse_params(changed(packed, dotted, value))
 
 
 def test_cuda_graphs_need_flattened_rows_and_a_padding_within_a_sequence(raw_params):

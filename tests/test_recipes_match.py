@@ -1,7 +1,7 @@
 """The fast default and the paper's layout learn the same thing: with LoRA dropout off (its masks are the only
-randomness that depends on the micro-batch split), the per-step losses of micro-batch 16 in one flattened row and micro-batch 1 x 16
-padded to max_length, on the same data and seed, agree up to float rounding. benchmarks/recipes_match.py plots both
-recipes with dropout on, beside a noise reference."""
+randomness that depends on the micro-batch split), the per-step losses of micro-batch 16 in one flattened row and
+micro-batch 1 x 16 padded to max_length, on the same data and seed, agree up to float rounding.
+benchmarks/recipes_match.py plots both recipes with dropout on, beside a noise reference."""
 
 from __future__ import annotations
 
