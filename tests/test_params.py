@@ -211,3 +211,10 @@ def test_demo_profile_applied_parses(raw_params):
     assert params.train.steps == 20 and params.train.batch_size == 16
     assert params.data.test_size == 400
     assert raw_params["models"]["llama"]["init"] == "pretrained"  # overlay() does not change its input
+
+
+def test_fused_projections_cannot_be_compiled(raw_params):
+    fused = changed(raw_params, "execution.fuse_projections", True)
+    assert parse_params(fused).execution.fuse_projections
+    with pytest.raises(ParamsError, match=r"execution\.fuse_projections: cannot be compiled"):
+        parse_params(changed(fused, "execution.compile", True))
