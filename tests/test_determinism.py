@@ -48,9 +48,10 @@ EVALUATE_COMPARED = ["accuracy", "f1", "precision", "recall", "roc_auc", "predic
 
 # The small pipeline's first losses on CPU in fp32, pinned. Two runs agree bit for bit
 # (test_data_losses_and_adapter_repeat), so anything that changes what is learned (the data drawn, their order, the
-# prompt, the loss, the LoRA init, the optimizer) moves them; the tolerance only allows for another CPU's rounding.
-# Change them only with a change meant to alter the loss.
-GOLDEN_LOSS = [10.511238098144531, 10.426229476928711, 10.130273818969727, 9.817822456359863]
+# prompt, the loss, the LoRA init, the optimizer) moves them, and so does the rows' layout (execution.padding: LoRA
+# dropout draws its masks over the rows as laid out); the tolerance only allows for another CPU's rounding. Change
+# them only with a change meant to alter the loss or the default layout (these are the flattened rows').
+GOLDEN_LOSS = [10.511238098144531, 10.421394348144531, 10.126204490661621, 9.823358535766602]
 
 
 def read_json(run: StageRun, name: str) -> dict:
