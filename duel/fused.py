@@ -4,9 +4,8 @@ two small products, the scaling and the sum, some six kernels each, 30 for the f
 dropout kernel for all its members' masks (drawn independently, as PEFT draws them), one batched product per LoRA
 factor, and, over unquantized base weights (dequantize_base, or no quantization), one batched base product over the
 members' weights laid end to end (they become views into it: no memory is added), into which the second LoRA
-product adds the update. Over a 4-bit base each member
-keeps its own bitsandbytes product. The adapters' parameters stay PEFT's own, so the saved adapter, its checkpoints
-and the optimizer see the same tensors.
+product adds the update. Over a 4-bit base each member keeps its own bitsandbytes product. The adapters' parameters
+stay PEFT's own, so the saved adapter, its checkpoints and the optimizer see the same tensors.
 
 The decoder layer still calls each projection as a module (`self.q_proj(hidden_states)`, ...), in its own order:
 whichever member is called first with a new input computes the group and keeps the others' outputs until they are

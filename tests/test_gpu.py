@@ -91,6 +91,15 @@ def reviews_frame() -> pd.DataFrame:
     return pd.DataFrame({"review_id": ids, "input_ids": prompts, "label": [i % 2 for i in range(len(prompts))]})
 
 
+def packed_batch(row_tokens: int = 64) -> tuple[dict[str, Any], torch.Tensor]:
+    """reviews_frame's 8 reviews as one packed micro-batch on the GPU: the model's inputs, and the labels apart."""
+    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=row_tokens)(
+        list(ReviewDataset(reviews_frame(), ANSWERS))
+    )
+    labels = batch.pop("labels").cuda()
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, labels
+
+
 def setup_for(params: Params, recipe: Recipe) -> Setup:
     """The project's params with the QLoRA recipe pinned."""
     pinned = dataclasses.replace(
@@ -292,10 +301,7 @@ def test_dequantized_base_computes_the_4bit_loss_and_gradients(params: Params, b
 
     setup = setup_for(params, RECIPES["packed"])
     execution = dataclasses.replace(setup.params.execution, dequantize_base=True)
-    dataset = ReviewDataset(reviews_frame(), ANSWERS)
-    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)([dataset[i] for i in range(len(dataset))])
-    labels = batch.pop("labels").cuda()
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    inputs, labels = packed_batch()
     results = {}
     for dequantize in (False, True):
         base = load_base_model(base_dir, setup.model, setup.params, ATTENTION)
@@ -328,10 +334,7 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(
     for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
         monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     setup = setup_for(params, RECIPES["packed"])
-    dataset = ReviewDataset(reviews_frame(), ANSWERS)
-    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)([dataset[i] for i in range(len(dataset))])
-    labels = batch.pop("labels").cuda()
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    inputs, labels = packed_batch()
     results = {}
     for kernels in ("none", "liger"):
         torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
@@ -383,12 +386,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
 
     setup = setup_for(params, RECIPES["packed"])
     pinned = dataclasses.replace(setup.params, lora=dataclasses.replace(setup.params.lora, dropout=0.0))
-    dataset = ReviewDataset(reviews_frame(), ANSWERS)
-    batches = []
-    for row_tokens in (64, 40):
-        batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=row_tokens)(list(dataset))
-        labels = batch.pop("labels").cuda()
-        batches.append(({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, labels))
+    batches = [packed_batch(row_tokens) for row_tokens in (64, 40)]
     assert batches[0][0]["input_ids"].shape[1] != batches[1][0]["input_ids"].shape[1]
     torch._dynamo.reset()
     counters.clear()
@@ -425,10 +423,7 @@ def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Pa
     packed-sequence mask: on the 4-bit LoRA model and a packed batch, the same loss and LoRA gradients up to bf16
     rounding."""
     setup = setup_for(params, RECIPES["packed"])
-    dataset = ReviewDataset(reviews_frame(), ANSWERS)
-    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)(list(dataset))
-    labels = batch.pop("labels").cuda()
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    inputs, labels = packed_batch()
     results = {}
     for attention in ("sdpa", kernel):
         torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
@@ -521,10 +516,7 @@ def test_fused_projections_compute_the_same_loss_and_gradients(params: Params, b
 
     setup = setup_for(params, RECIPES["packed"])
     pinned = dataclasses.replace(setup.params, lora=dataclasses.replace(setup.params.lora, dropout=0.0))
-    dataset = ReviewDataset(reviews_frame(), ANSWERS)
-    batch = AnswerCollator(pad_id=PAD, padding="packed", row_tokens=64)(list(dataset))
-    labels = batch.pop("labels").cuda()
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    inputs, labels = packed_batch()
     results = {}
     for fused in (False, True):
         base = load_base_model(base_dir, setup.model, pinned, ATTENTION)
