@@ -233,6 +233,26 @@ def test_newest_call_judges_and_a_rerun_replaces(tmp_path: Path) -> None:
     assert (bench / "README.md").read_text() == readme and (bench / "records.jsonl").read_text() == records_text
 
 
+def test_a_200_step_sweep_of_the_default_params_is_judged_as_the_default(tmp_path: Path) -> None:
+    bench = bench_copy(tmp_path)
+    first = write_call(bench / "raw" / "2026-12-01-h200-call01", {"llama": model_results("llama", LLAMA, 25000)})
+    lines = [line for line in model_results("llama", LLAMA, 25000) if line["kind"] == "baseline"]
+    for tag, steps, reviews_per_s in (("sweep-default", 200, 30.0), ("sweep-4bit", 200, 60.0)):
+        lines.append(
+            {"kind": "finetune", "model": "llama", "tag": tag, "data": finetune("llama", reviews_per_s, steps, None, 0)}
+        )
+    second = bench / "raw" / "2026-12-01-h200-call02"
+    second.mkdir(parents=True)
+    for name in ("gpu.csv", "versions.json"):
+        (second / name).write_text((first / name).read_text())
+    (second / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run_record(bench, first, second).returncode == 0
+
+    row = target_rows((bench / "README.md").read_text(), "200-step fine-tune")["llama"]
+    assert row[2:4] == ["2026-12-01-h200-call02", "30.0 / 10.0 reviews/s = 3.00x"]  # not the other variant
+    assert row[-1] == "no"
+
+
 def test_misnamed_call_folder_is_refused(tmp_path: Path) -> None:
     bench = bench_copy(tmp_path)
     folder = write_call(bench / "raw" / "2026-12-01-h200-second", {"llama": model_results("llama", LLAMA, 25000)})
