@@ -151,12 +151,27 @@ def limit(budget_gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total) if budget_gib else 1.0)
 
 
-def at_budget(model: Any, work: Work, budget_gib: float) -> dict[str, Any]:
-    """The largest micro-batch that trains within the budget, and what it measured."""
+def adapters(model: Any) -> dict[str, torch.Tensor]:
+    """A copy of the trainable (LoRA) weights, to start every budget's run from the same adapters."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore(model: Any, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in saved:
+                p.copy_(saved[name])
+
+
+def at_budget(model: Any, work: Work, budget_gib: float, initial: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The largest micro-batch that trains within the budget, from the `initial` adapters and the training seed, and
+    what it measured."""
     limit(budget_gib)
     for retries, micro_batch in enumerate(MICRO_BATCHES):
         if work.params.train.batch_size % micro_batch:
             continue
+        restore(model, initial)
+        torch.manual_seed(work.params.seeds.train)  # and the same dropout masks
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -192,8 +207,9 @@ def main() -> None:
         start = time.perf_counter()
         model = load_model(args.key, work.params, impl, checkpointing)
         load_s = round(time.perf_counter() - start, 1)
+        initial = adapters(model)
         for budget in budgets:
-            result = at_budget(model, work, budget)
+            result = at_budget(model, work, budget, initial)
             run = {"impl": impl, "checkpointing": checkpointing, "memory_budget_gib": budget or None}
             row = run | {"load_s": load_s} | result
             print(json.dumps(row), flush=True)
@@ -201,7 +217,7 @@ def main() -> None:
                 tag = f"budget-{budget or 'none'}-{checkpointing}"
                 with args.results.open("a") as f:
                     f.write(json.dumps({"kind": "peer", "model": args.key, "tag": tag, "data": row}) + "\n")
-        del model
+        del model, initial
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
