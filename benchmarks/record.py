@@ -120,6 +120,7 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         notes.append(f"{data.get('padding')} rows, CUDA graphs" if data.get("cuda_graphs") else "")
         notes.append(f"{data['fused_projections']} projection groups fused" if data.get("fused_projections") else "")
         notes.extend(f"{name}={value}" for name, value in data.get("env", {}).items())
+        notes.append(f"allocator {data['allocator']}" if data.get("allocator") not in (None, "default") else "")
         if cache := data.get("compile_cache"):  # compiled layers: how many graphs the process compiled itself
             compiled, cached = cache["graphs_compiled"], cache["graphs_from_cache"]
             spent = f" in {cache['seconds']:g} s" if "seconds" in cache else ""

@@ -296,6 +296,8 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
     "expandable": {"env": EXPANDABLE},  # PyTorch's allocator grows segments instead of allocating new blocks
+    "no-expandable": {"execution": {"expandable_segments": False}},  # torch's default allocator (before the param)
+    "budget16-no-expandable": {"execution": {"memory_budget_gib": 16, "expandable_segments": False}},
     "flattened-expandable": {"execution": {"padding": "flattened"}, "env": EXPANDABLE},
     "budget16": {"execution": {"memory_budget_gib": 16}},
     "budget16-flattened": {"execution": {"memory_budget_gib": 16, "padding": "flattened"}},

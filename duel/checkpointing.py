@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -12,6 +13,22 @@ from duel.params import Params
 def gpu_memory_gib() -> float | None:
     """The GPU's memory in GiB (the process's first CUDA device), or None on a machine without one."""
     return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
+ALLOCATOR_ENV, EXPANDABLE = "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
+
+
+def configure_allocator(expandable_segments: bool) -> str | None:
+    """execution.expandable_segments: torch's CUDA caching allocator maps more memory into the segments it has instead
+    of caching a block of every size the varying micro-batches ask for: PYTORCH_CUDA_ALLOC_CONF for this process's
+    children, and torch's own setter for this one. A PYTORCH_CUDA_ALLOC_CONF already in the environment is kept as it
+    is. Returns the setting in force (None: torch's default)."""
+    if expandable_segments and ALLOCATOR_ENV not in os.environ:
+        os.environ[ALLOCATOR_ENV] = EXPANDABLE  # inherited by torchrun's ranks
+        if torch.cuda.is_available():  # CUDA may be up already: bitsandbytes asks for the GPU's capability on import
+            setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9
+            (setting or torch.cuda.memory._set_allocator_settings)(EXPANDABLE)
+    return os.environ.get(ALLOCATOR_ENV)
 
 
 def limit_gpu_memory(budget_gib: float | None) -> None:

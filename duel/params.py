@@ -206,6 +206,11 @@ class ExecutionParams:
     auto: on a CUDA GPU of at least 40 GiB when no memory_budget_gib is set."""
     memory_budget_gib: float | None
     """Cap on GPU memory for training (null: the whole GPU), enforced through torch's allocator."""
+    expandable_segments: bool
+    """Training: torch's CUDA allocator grows its memory segments in place (PYTORCH_CUDA_ALLOC_CONF
+    expandable_segments:True) instead of caching blocks of each size the micro-batches of varying length ask for;
+    the same speed in less reserved memory (on an H100, Llama-2: 49 GiB instead of 71 without a budget, 11.5 instead
+    of 16.0 at a 16 GiB budget). A PYTORCH_CUDA_ALLOC_CONF set in the environment takes precedence."""
     logging_steps: int
     """Log the loss every N optimizer steps (paper: 10)."""
     save_steps: int

@@ -27,7 +27,7 @@ import pandas as pd
 from transformers import set_seed
 
 from duel import cli, parallel
-from duel.checkpointing import checkpointed_layers, decoder_layers, limit_gpu_memory
+from duel.checkpointing import checkpointed_layers, configure_allocator, decoder_layers, limit_gpu_memory
 from duel.fused import fuse_projections
 from duel.hub import load_tokenizer, model_info, versions
 from duel.io import atomic_dir, read_json, write_json
@@ -60,6 +60,7 @@ def main() -> None:
     key = sys.argv[1]
     params = load_params()
     execution = params.execution
+    allocator = configure_allocator(execution.expandable_segments)  # before CUDA is first used
     parallel.launch("finetune", key, execution, params.train.batch_size)  # free GPUs claimed, or ranks > 1: children
     parallel.init_distributed(execution.micro_batch, params.train.batch_size)
     main_process = parallel.is_main_process()  # rank 0 writes the checkpoints' fingerprint, series and outputs
@@ -90,7 +91,7 @@ def main() -> None:
     print(
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
         f"{execution.gradient_checkpointing}, memory budget {budget}, largest micro-batch {largest} tokens), "
-        f"base weights {base_weights(model)}, fused projection groups {fused}"
+        f"base weights {base_weights(model)}, fused projection groups {fused}, allocator {allocator or 'default'}"
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])
@@ -107,7 +108,7 @@ def main() -> None:
         parallel.end_distributed()  # waits for rank 0 to write the outputs
         return
     metrics = finetune_metrics(done, model, params, start_step)
-    how = run_description(key, model, params, attention, kernels)
+    how = run_description(key, model, params, attention, kernels) | {"allocator": allocator or "default"}
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         training = {"params": as_dict(params), "base": model_info(base), "run": how, "metrics": metrics}

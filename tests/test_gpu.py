@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,3 +533,19 @@ def test_fused_projections_compute_the_same_loss_and_gradients(params: Params, b
         del model, base
     print(f"loss {results[False][0]} plain, {results[True][0]} fused")
     assert_same_loss_and_grads(results[False], results[True])
+
+
+def test_expandable_segments_reach_the_allocator_after_cuda_is_up():
+    """execution.expandable_segments: the stage asks for them after its imports, and bitsandbytes' import has started
+    CUDA by then; the segments torch maps afterwards must still be expandable (a fresh process, the stage's order)."""
+    script = (
+        "import os, torch, bitsandbytes\n"
+        "from duel.checkpointing import configure_allocator\n"
+        "print(configure_allocator(True))\n"
+        "x = torch.empty(256 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "print(all(s['is_expandable'] for s in torch.cuda.memory_snapshot()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["expandable_segments:True", "True"], done.stdout

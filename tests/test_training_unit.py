@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -714,3 +715,18 @@ def test_fused_projections_draw_a_dropout_mask_per_member():
     zero = [(out == 0).float() for out in group.outputs(torch.ones(4000, 64))]
     assert all(z.mean().item() == pytest.approx(0.5, abs=0.01) for z in zero)
     assert (zero[0] * zero[1]).mean().item() == pytest.approx(0.25, abs=0.01)  # independent masks
+
+
+# --- execution.expandable_segments ---------------------------------------------------------------------------------
+
+
+def test_expandable_segments_are_asked_for_unless_the_environment_has_its_own_allocator_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from duel.checkpointing import configure_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert configure_allocator(False) is None and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert configure_allocator(True) == "expandable_segments:True" == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own
+    assert configure_allocator(True) == "max_split_size_mb:512" == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
