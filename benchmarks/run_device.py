@@ -305,6 +305,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget16-expandable": {"execution": {"memory_budget_gib": 16}, "env": EXPANDABLE},
     "budget8": {"execution": {"memory_budget_gib": 8}},
     "budget8-expandable": {"execution": {"memory_budget_gib": 8}, "env": EXPANDABLE},
+    "budget8-fused": {"execution": {"memory_budget_gib": 8, "fuse_projections": True}},
     "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows
     "graphs": {"execution": {"padding": "flattened", "cuda_graphs": True}},  # a CUDA graph per row length
     "fused": {"execution": {"fuse_projections": True}},  # q/k/v and gate/up computed together (duel/fused.py)
