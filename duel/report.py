@@ -290,8 +290,9 @@ def claims_section(
         "",
         "### Against Unsloth, budget by budget",
         "",
-        "Measured on H200s with random weights, not by this run (`benchmarks/run_device.py --peer`): this project's "
-        "fine-tune and Unsloth's on the same reviews, steady reviews/s after 2 steps (`benchmarks/README.md`).",
+        "Measured on a GPU with random weights, not by this run (`benchmarks/run_device.py --peer`; the run names the "
+        "GPU): this project's fine-tune and Unsloth's on the same reviews, steady reviews/s after 2 steps "
+        "(`benchmarks/README.md`).",
         "",
         pd.DataFrame(peers).to_markdown(index=False) if peers else "No peer measurement in benchmarks/records.jsonl.",
         "",
