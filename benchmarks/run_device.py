@@ -297,6 +297,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
     "expandable": {"env": EXPANDABLE},  # PyTorch's allocator grows segments instead of allocating new blocks
     "no-expandable": {"execution": {"expandable_segments": False}},  # torch's default allocator (before the param)
+    "log10": {"execution": {"logging_steps": 10}},  # the Trainer reads the loss (a host sync) every 10 steps
     "budget16-no-expandable": {"execution": {"memory_budget_gib": 16, "expandable_segments": False}},
     "flattened-expandable": {"execution": {"padding": "flattened"}, "env": EXPANDABLE},
     "budget16": {"execution": {"memory_budget_gib": 16}},
