@@ -5,8 +5,9 @@ The same work as the project's finetune stage: the base model it trained (models
 weights), the same tokenized reviews in the same order (data/tokenized/<key>/, duel.training.training_order), the
 same answer-only labels (-100 except the answer token; Unsloth computes its own cross-entropy over them, at every
 position), the same LoRA targets, rank, alpha and dropout, 16 reviews per optimizer step, learning rate and fused
-AdamW. Each review is a row of its own, left-padded to the longest of its micro-batch (Unsloth packs only through
-TRL's SFTTrainer, which would tokenize the text again).
+AdamW. Each review is a row of its own, right-padded to the longest of its micro-batch (Unsloth packs only through
+TRL's SFTTrainer, which would tokenize the text again; it drops the attention mask when training, exact only for
+right padding).
 
 A budget caps torch's allocator, as execution.memory_budget_gib does for the project; on an out-of-memory error the
 micro-batch halves (16, 8, ..., 1), gradient accumulation making up the 16 reviews of a step. One JSON line per
@@ -101,6 +102,14 @@ def load_model(key: str, params: Params, impl: str, checkpointing: str) -> Any:
     return model
 
 
+def right_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The collator's left-padded rows with their padding moved to the end. Unsloth drops the attention mask when it
+    trains, which is exact only for right padding (its source says so): left pads would be attended to."""
+    pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
+    keys = ("input_ids", "attention_mask", "labels")
+    return {k: torch.stack([row.roll(-n) for row, n in zip(batch[k], pads, strict=True)]) for k in keys}
+
+
 def train(model: Any, work: Work, micro_batch: int) -> dict[str, Any]:
     """train.steps optimizer steps of train.batch_size reviews, micro_batch at a time; the time of each step."""
     device = next(model.parameters()).device
@@ -116,7 +125,7 @@ def train(model: Any, work: Work, micro_batch: int) -> dict[str, Any]:
         rows = work.order[step * batch_size : (step + 1) * batch_size]
         for m in range(accumulate):
             features = [work.dataset[int(i)] for i in rows[m * micro_batch : (m + 1) * micro_batch]]
-            batch = work.collate(features)
+            batch = right_padded(work.collate(features))
             real += int(batch["attention_mask"].sum())
             padded += batch["input_ids"].numel()
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
