@@ -378,14 +378,13 @@ def test_the_peer_budget_by_budget(tmp_path: Path) -> None:
     assert rows["whole GPU"][4:] == ["32.0 (7.0 GiB, 98% busy, mb 16, no ckpt)", "10.0 (15.9 GiB)", "1.25x", "4.00x"]
 
 
-def test_every_variant_of_the_runner_is_params_the_stages_accept() -> None:
+def test_every_variant_of_the_runner_is_params_the_stages_accept(raw_params: dict[str, Any]) -> None:
     """A variant the params refuse would fail on the GPU machine after the call's start-up; refuse it here."""
     spec = importlib.util.spec_from_file_location("run_device", REPO / "benchmarks" / "run_device.py")
     assert spec is not None and spec.loader is not None
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    device = overlay(params, yaml.safe_load((REPO / "benchmarks" / "profiles" / "h200.yaml").read_text()))
+    device = overlay(raw_params, yaml.safe_load((REPO / "benchmarks" / "profiles" / "h200.yaml").read_text()))
     paper = overlay(device, yaml.safe_load((REPO / "profiles" / "paper.yaml").read_text()))
     refused = {}
     variants = [(device, name, sections) for name, sections in runner.SWEEP.items()]
