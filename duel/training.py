@@ -9,6 +9,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +34,13 @@ from transformers.integrations import DVCLiveCallback
 from transformers.trainer_utils import TrainOutput
 
 from duel import profiling
-from duel.checkpointing import checkpointed_layers, decoder_layers, offloaded_layers, switch_on_checkpointing
+from duel.checkpointing import (
+    ALLOCATOR_ENV,
+    checkpointed_layers,
+    decoder_layers,
+    offloaded_layers,
+    switch_on_checkpointing,
+)
 from duel.errors import TrainingError
 from duel.fused import fused_groups
 from duel.graphs import GraphedTrainer
@@ -715,4 +722,5 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "offloaded_checkpoints": offloaded_layers(model),
         "memory": memory_kind(),
         "processes": world_size(),
+        "allocator": os.environ.get(ALLOCATOR_ENV) or "default",  # execution.expandable_segments, or the user's own
     }

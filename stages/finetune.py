@@ -108,7 +108,7 @@ def main() -> None:
         parallel.end_distributed()  # waits for rank 0 to write the outputs
         return
     metrics = finetune_metrics(done, model, params, start_step)
-    how = run_description(key, model, params, attention, kernels) | {"allocator": allocator or "default"}
+    how = run_description(key, model, params, attention, kernels)
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         training = {"params": as_dict(params), "base": model_info(base), "run": how, "metrics": metrics}

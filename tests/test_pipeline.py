@@ -179,6 +179,7 @@ def test_demo_metrics_cover_both_models_and_baselines(demo: tuple[Path, str]) ->
         assert finetune["peak_memory_gib"] > 0 and finetune["peak_vram_allocated_gib"] is None  # RSS: no GPU here
         run_info = read(repo, f"models/adapters/{key}/training.json")["run"]
         assert run_info["quantization"] == "nf4-dq" and run_info["device"] == "cpu"
+        assert run_info["allocator"] == os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         scoring = read(repo, f"data/predictions/{key}_finetuned/scoring.json")
         assert sum(map(sum, scoring["confusion_matrix"])) == 400
     assert read(repo, "metrics/data.json")["reviews"]["train"]["labels"] == {"0": 160, "1": 160}
