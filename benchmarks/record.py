@@ -117,6 +117,8 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         notes = [f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""]
         dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
         notes.append("base dequantized" if dequantized else "")
+        partly = data.get("base_weights") == "partly dequantized"
+        notes.append(f"base dequantized in {data['dequantized_layers']} layers" if partly else "")
         notes.append(f"{data.get('padding')} rows, CUDA graphs" if data.get("cuda_graphs") else "")
         notes.append(f"{data['fused_projections']} projection groups fused" if data.get("fused_projections") else "")
         notes.extend(f"{name}={value}" for name, value in data.get("env", {}).items())

@@ -292,6 +292,7 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "no-liger": {"execution": {"kernels": "none"}},
     "4bit": {"execution": {"dequantize_base": False}},
     "dequantized": {"execution": {"dequantize_base": True}},
+    "budget24": {"execution": {"memory_budget_gib": 24}},  # as many layers dequantized as fit, then unchecked
     "budget24-4bit": {"execution": {"memory_budget_gib": 24, "dequantize_base": False}},
     "budget24-dequantized": {"execution": {"memory_budget_gib": 24, "dequantize_base": True}},
     "flattened": {"execution": {"padding": "flattened"}},  # transformers' padding-free collator, one row
@@ -300,11 +301,17 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "log10": {"execution": {"logging_steps": 10}},  # the Trainer reads the loss (a host sync) every 10 steps
     "budget16-no-expandable": {"execution": {"memory_budget_gib": 16, "expandable_segments": False}},
     "flattened-expandable": {"execution": {"padding": "flattened"}, "env": EXPANDABLE},
+    "budget12": {"execution": {"memory_budget_gib": 12}},
+    "budget12-4bit": {"execution": {"memory_budget_gib": 12, "dequantize_base": False}},
     "budget16": {"execution": {"memory_budget_gib": 16}},
+    "budget16-4bit": {"execution": {"memory_budget_gib": 16, "dequantize_base": False}},
     "budget16-flattened": {"execution": {"memory_budget_gib": 16, "padding": "flattened"}},
     "budget16-fused": {"execution": {"memory_budget_gib": 16, "fuse_projections": True}},
     "budget16-expandable": {"execution": {"memory_budget_gib": 16}, "env": EXPANDABLE},
     "budget8": {"execution": {"memory_budget_gib": 8}},
+    "budget8-4bit": {"execution": {"memory_budget_gib": 8, "dequantize_base": False}},
+    # every layer checkpointed and offloaded on the 4-bit base: what 8 GiB planned for before the allocator's share
+    "budget8-offload": {"execution": {"memory_budget_gib": 8, "dequantize_base": False, "offload_checkpoints": True}},
     "budget8-expandable": {"execution": {"memory_budget_gib": 8}, "env": EXPANDABLE},
     "budget8-fused": {"execution": {"memory_budget_gib": 8, "fuse_projections": True}},
     "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows

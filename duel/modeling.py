@@ -11,7 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from duel import attention
-from duel.checkpointing import checkpointed_layer_count, decoder_layers, gpu_memory_gib, set_checkpointed_layers
+from duel.checkpointing import (
+    budget_share,
+    checkpointed_layer_count,
+    decoder_layers,
+    gpu_memory_gib,
+    layers_to_dequantize,
+    set_checkpointed_layers,
+)
 from duel.errors import ParamsError
 from duel.io import read_json
 from duel.params import ExecutionParams, ModelParams, Params, QuantizationParams
@@ -153,7 +160,7 @@ def add_lora(base: PreTrainedModel, model: ModelParams, params: Params, max_toke
         task_type="CAUSAL_LM",
     )
     adapted = get_peft_model(base, lora)
-    dequantized_base = params.quantization.enabled and base_weights(adapted) != "4-bit"
+    dequantized_base = params.quantization.enabled and base_weights(adapted) != "4-bit"  # in some layers at least
     on_cuda = next(adapted.parameters()).device.type == "cuda"  # the autocast PEFT's 4-bit layer looks at
     if dequantized_base and on_cuda and params.execution.precision != "fp32":
         keep_lora_inputs_uncast(adapted)
@@ -231,29 +238,68 @@ def merge_wanted(execution: ExecutionParams) -> bool:
     return total is None or total >= UNQUANTIZED_FROM_GIB
 
 
-def dequantize_wanted(execution: ExecutionParams, quantized: bool) -> bool:
-    """execution.dequantize_base resolved for training: auto on CUDA GPUs of at least 40 GiB without a memory
-    budget (a budget asks for the 4-bit base's memory); never without quantization (nothing to dequantize)."""
-    wanted = execution.dequantize_base
-    if not quantized:
-        return False
+def dequantized_layer_count(
+    base: PreTrainedModel, model: ModelParams, params: Params, max_tokens: int | None = None
+) -> int:
+    """execution.dequantize_base resolved to a number of decoder layers (the first ones) whose 4-bit projections are
+    dequantized for training: true all, false none; auto none on a CPU and, on a GPU, as many as fit
+    execution.memory_budget_gib (the GPU's memory when unset) beside training with every layer checkpointed, for
+    micro-batches of max_tokens tokens (layers_to_dequantize): all of them on a GPU of 40 GiB or more without a
+    budget. None without quantization (nothing to dequantize)."""
+    layers = decoder_layers(base)
+    wanted, total = params.execution.dequantize_base, gpu_memory_gib()
+    if not params.quantization.enabled or not layers:
+        return 0
     if wanted != "auto":
-        return bool(wanted)
-    total = gpu_memory_gib()
-    return total is not None and total >= UNQUANTIZED_FROM_GIB and execution.memory_budget_gib is None
+        return len(layers) if wanted else 0
+    if total is None:
+        return 0
+    quantized = [m for m in layers[0].modules() if type(m).__name__ == "Linear4bit"]
+    layer_bytes = sum(m.in_features * m.out_features * m.weight.quant_state.dtype.itemsize for m in quantized)
+    layer_bytes -= sum(m.weight.data.nbytes for m in quantized)  # the packed 4-bit values it replaces
+    targets = set(model.lora_targets)
+    adapted = [m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    lora = params.lora.r * sum(m.in_features + m.out_features for m in adapted)
+    fixed = torch.cuda.memory_allocated() + 16 * lora  # fp32 LoRA weights, their gradients and AdamW's two moments
+    tokens = max_tokens or params.execution.micro_batch * params.data.max_length
+    budget = (params.execution.memory_budget_gib or total) * 2**30
+    config = base.config
+    shape = (len(layers), config.hidden_size, config.intermediate_size, tokens)
+    return layers_to_dequantize(budget, fixed, *shape, layer_bytes=max(layer_bytes, 1), share=budget_share())
 
 
-def base_for_training(base: PreTrainedModel, execution: ExecutionParams, quantized: bool) -> PreTrainedModel:
-    """The loaded base, dequantized once into its compute dtype when dequantize_wanted says so: bitsandbytes'
-    4-bit forward and backward dequantize the weight on every call and then take the plain product, so the loss
-    and gradients stay those of the 4-bit base."""
-    return dequantized(base, quantized) if dequantize_wanted(execution, quantized) else base
+def base_for_training(
+    base: PreTrainedModel, model: ModelParams, params: Params, max_tokens: int | None = None
+) -> PreTrainedModel:
+    """The loaded base with as many decoder layers dequantized as dequantized_layer_count says."""
+    return dequantize_layers(base, dequantized_layer_count(base, model, params, max_tokens))
+
+
+def dequantize_layers(base: PreTrainedModel, count: int) -> PreTrainedModel:
+    """The 4-bit base with the projections of its first `count` decoder layers dequantized once into their compute
+    dtype (transformers' own dequantization): bitsandbytes' 4-bit forward and backward dequantize the weight on every
+    call and then take the plain product, so the loss and gradients stay those of the 4-bit base."""
+    from transformers.integrations.bitsandbytes import dequantize_and_replace
+
+    layers = decoder_layers(base)
+    if count and count == len(layers):
+        return dequantized(base, quantized=True)
+    for layer in layers[:count]:
+        dequantize_and_replace(layer, base.hf_quantizer.quantization_config)
+    return base
 
 
 def base_weights(model: Any) -> str:
-    """How the frozen base's projections are held: 4-bit (bitsandbytes), or unquantized (dequantized or never
-    quantized)."""
-    return "4-bit" if any(type(m).__name__ == "Linear4bit" for m in model.modules()) else "unquantized"
+    """How the frozen base's projections are held: 4-bit (bitsandbytes), unquantized (dequantized or never
+    quantized), or 4-bit in some decoder layers and dequantized in the others (dequantized_layers says how many)."""
+    quantized = [any(type(m).__name__ == "Linear4bit" for m in layer.modules()) for layer in decoder_layers(model)]
+    return "4-bit" if all(quantized) else "partly dequantized" if any(quantized) else "unquantized"
+
+
+def dequantized_layers(model: Any, quantized: bool) -> int:
+    """How many decoder layers of a 4-bit model (quantized) hold their projections dequantized."""
+    layers = decoder_layers(model)
+    return sum(not any(type(m).__name__ == "Linear4bit" for m in layer.modules()) for layer in layers) * quantized
 
 
 def dequantized(base: PreTrainedModel, quantized: bool) -> PreTrainedModel:

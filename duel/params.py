@@ -203,7 +203,9 @@ class ExecutionParams:
     """Train against the frozen 4-bit base dequantized once, at the start, into compute_dtype: the same NF4 values
     in the same matrix products, without a dequantize kernel in every projection's forward and backward pass (fewer
     kernels for the host to launch), for the unquantized weights' memory (13 GiB for a 7B model instead of 4).
-    auto: on a CUDA GPU of at least 40 GiB when no memory_budget_gib is set."""
+    auto: on a CUDA GPU, in as many decoder layers as fit memory_budget_gib (the GPU's memory when unset) beside
+    training with every layer checkpointed, before any layer goes unchecked (gradient_checkpointing auto): all of them
+    on a GPU of 40 GiB or more without a budget; on a CPU, none."""
     memory_budget_gib: float | None
     """Cap on GPU memory for training (null: the whole GPU), enforced through torch's allocator."""
     expandable_segments: bool

@@ -218,6 +218,8 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
         how += f", checkpointing {m['gradient_checkpointing']}"
         if m.get("base_weights") == "unquantized" and m.get("quantization") not in (None, "none"):
             how += ", 4-bit base dequantized for training"
+        elif m.get("base_weights") == "partly dequantized":
+            how += f", 4-bit base dequantized in {m['dequantized_layers']} layers for training"
         if m.get("oom_retries"):
             how += f", {m['oom_retries']} OOM back-off(s)"
         rows.append(

@@ -44,7 +44,7 @@ from duel.checkpointing import (
 from duel.errors import TrainingError
 from duel.fused import fused_groups
 from duel.graphs import GraphedTrainer
-from duel.modeling import base_weights, compile_summary, quantization_name
+from duel.modeling import base_weights, compile_summary, dequantized_layers, quantization_name
 from duel.parallel import barrier, world_size
 from duel.params import Params
 from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory, peak_tflops
@@ -715,6 +715,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "precision": params.execution.precision,
         "quantization": quantization_name(params.quantization),
         "base_weights": base_weights(model),
+        "dequantized_layers": dequantized_layers(model, params.quantization.enabled),
         "padding": params.execution.padding,
         "fused_projections": fused_groups(model),
         "cuda_graphs": params.execution.cuda_graphs,

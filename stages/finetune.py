@@ -38,6 +38,7 @@ from duel.modeling import (
     base_weights,
     check_lora_targets,
     compile_layers,
+    dequantized_layers,
     kernels_implementation,
     load_base_model,
 )
@@ -81,7 +82,7 @@ def main() -> None:
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model_params = params.model(key)
     loaded = load_base_model(base, model_params, params, attention, kernels)
-    loaded = base_for_training(loaded, execution, params.quantization.enabled)
+    loaded = base_for_training(loaded, model_params, params, largest)
     check_lora_targets(loaded, key, model_params.lora_targets)
     model = add_lora(loaded, model_params, params, largest)
     fused = fuse_projections(model) if execution.fuse_projections else 0
@@ -91,7 +92,8 @@ def main() -> None:
     print(
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
         f"{execution.gradient_checkpointing}, memory budget {budget}, largest micro-batch {largest} tokens), "
-        f"base weights {base_weights(model)}, fused projection groups {fused}, allocator {allocator or 'default'}"
+        f"base weights {base_weights(model)} ({dequantized_layers(model, params.quantization.enabled)} layers "
+        f"dequantized), fused projection groups {fused}, allocator {allocator or 'default'}"
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from duel.attention import varlen_available
 from duel.evaluation import label_logits, predictions_frame
 from duel.io import write_json
-from duel.modeling import add_lora, base_for_training, base_weights, load_adapter_for_inference, load_base_model
+from duel.modeling import add_lora, base_weights, dequantize_layers, load_adapter_for_inference, load_base_model
 from duel.params import ModelParams, Params
 from duel.training import AnswerCollator, AnswerLoss, ReviewDataset, answer_loss
 
@@ -297,23 +297,26 @@ def assert_same_loss_and_grads(reference: tuple[float, dict[str, Any]], other: t
         assert difference < 5e-2, (name, float(difference))
 
 
-def test_dequantized_base_computes_the_4bit_loss_and_gradients(params: Params, base_dir: Path):
-    """execution.dequantize_base: LoRA on the base dequantized once into bf16 against LoRA on the 4-bit base (which
-    dequantizes in every forward and backward pass, then takes the plain product): on a packed batch the loss and
-    the LoRA gradients are the same, dropout masks included, and the base's projections are plain bf16 layers."""
+@pytest.mark.parametrize("share", ["all", "half"])
+def test_dequantized_base_computes_the_4bit_loss_and_gradients(params: Params, base_dir: Path, share: str):
+    """execution.dequantize_base: LoRA on the base dequantized once into bf16 (in all its decoder layers, or in the
+    first half, as a memory budget has it) against LoRA on the 4-bit base (which dequantizes in every forward and
+    backward pass, then takes the plain product): on a packed batch the loss and the LoRA gradients are the same,
+    dropout masks included, and the dequantized layers' projections are plain bf16 layers."""
 
     setup = setup_for(params, RECIPES["packed"])
-    execution = dataclasses.replace(setup.params.execution, dequantize_base=True)
     inputs, labels = packed_batch()
     results = {}
     for dequantize in (False, True):
         base = load_base_model(base_dir, setup.model, setup.params, ATTENTION)
+        layers = len(base.model.layers)
         if dequantize:
-            base = base_for_training(base, execution, quantized=True)
+            base = dequantize_layers(base, layers if share == "all" else layers // 2)
             assert base.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
         torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
         model = add_lora(base, setup.model, setup.params)
-        assert base_weights(model) == ("unquantized" if dequantize else "4-bit")
+        expected = {"all": "unquantized", "half": "partly dequantized"}[share] if dequantize else "4-bit"
+        assert base_weights(model) == expected
         results[dequantize] = loss_and_lora_grads(model, inputs, labels)
         del model, base
     (loss, grads), (dequantized_loss, dequantized_grads) = results[False], results[True]
@@ -399,7 +402,7 @@ def test_compiled_layers_compute_the_same_loss_and_gradients(params: Params, bas
             torch.manual_seed(0)  # the same LoRA initialisation for both
             base = load_base_model(base_dir, setup.model, pinned, ATTENTION)
             if dequantize:
-                base = base_for_training(base, dataclasses.replace(pinned.execution, dequantize_base=True), True)
+                base = dequantize_layers(base, len(base.model.layers))
             model = add_lora(base, setup.model, pinned)
             assert base_weights(model) == ("unquantized" if dequantize else "4-bit")
             assert model.base_model.model.model.layers[0].input_layernorm._get_name() == "LlamaRMSNorm"
@@ -483,7 +486,7 @@ def test_cuda_graphs_train_as_the_eager_trainer(
     for graphed in (False, True):
         base = load_base_model(base_dir, setup.model, pinned, "varlen")
         if dequantize:
-            base = base_for_training(base, pinned.execution, True)
+            base = dequantize_layers(base, len(base.model.layers))
         torch.manual_seed(0)  # the same LoRA initialisation for both
         model = add_lora(base, setup.model, pinned)
         trainer_class = GraphedTrainer if graphed else Trainer
@@ -524,7 +527,7 @@ def test_fused_projections_compute_the_same_loss_and_gradients(params: Params, b
     for fused in (False, True):
         base = load_base_model(base_dir, setup.model, pinned, ATTENTION)
         if dequantize:
-            base = base_for_training(base, dataclasses.replace(pinned.execution, dequantize_base=True), True)
+            base = dequantize_layers(base, len(base.model.layers))
         torch.manual_seed(0)  # the same LoRA initialisation for both
         model = add_lora(base, setup.model, pinned)
         if fused:

@@ -227,10 +227,10 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any, precision: str) -> None:
-    """execution.dequantize_base: LoRA on the base dequantized once computes the loss and LoRA gradients of LoRA on
-    the 4-bit base, dropout masks included, in fp32 and under bf16 autocast (bitsandbytes' CPU kernels round a little
-    differently from a plain product; tests/test_gpu.py checks CUDA), and auto keeps the 4-bit base on a CPU and
-    under a budget."""
+    """execution.dequantize_base: LoRA on the base dequantized once, in one of its two decoder layers or in both,
+    computes the loss and LoRA gradients of LoRA on the 4-bit base, dropout masks included, in fp32 and under bf16
+    autocast (bitsandbytes' CPU kernels round a little differently from a plain product; tests/test_gpu.py checks
+    CUDA)."""
     import dataclasses
 
     from conftest import tiny_llama_config
@@ -243,44 +243,92 @@ def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any, 
     LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=128)).save_pretrained(base_dir)
     write_json(base_dir / "model.json", {"path": str(base_dir)})
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
-    execution = dataclasses.replace(params.execution, precision=precision, compute_dtype=dtype, dequantize_base=True)
+    execution = dataclasses.replace(params.execution, precision=precision, compute_dtype=dtype)
     quantization = dataclasses.replace(params.quantization, enabled=True)
     lora = dataclasses.replace(params.lora, dropout=0.1)
     small = dataclasses.replace(params, quantization=quantization, execution=execution, lora=lora)
     batch = {"input_ids": torch.randint(1, 300, (2, 24)), "labels": torch.randint(1, 300, (2, 24))}
     results = []
-    for dequantize in (False, True):
+    for count, weights in ((0, "4-bit"), (1, "partly dequantized"), (2, "unquantized")):
         loaded = modeling.load_base_model(base_dir, small.model("llama"), small, "sdpa")
-        if dequantize:
-            loaded = modeling.base_for_training(loaded, execution, quantized=True)
+        loaded = modeling.dequantize_layers(loaded, count)
         torch.manual_seed(1)
         model = modeling.add_lora(loaded, small.model("llama"), small)
         for name, param in model.named_parameters():  # B away from zero, so the adapters shape the gradients
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
-        assert modeling.base_weights(model) == ("unquantized" if dequantize else "4-bit")
+        assert modeling.base_weights(model) == weights and modeling.dequantized_layers(model, True) == count
         model.train()
         torch.manual_seed(2)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(**batch).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (loss, grads), (dequantized_loss, dequantized_grads) = results
+    loss, grads = results[0]
     rounding = 1e-3  # of the largest gradient: a kernel's rounding, not another dropout mask
-    assert torch.allclose(loss, dequantized_loss, rtol=rounding)
-    assert grads.keys() == dequantized_grads.keys() and len(grads) == 28
-    worst = max(float((dequantized_grads[n] - g).abs().max() / g.abs().max()) for n, g in grads.items())
-    print(f"{precision}: largest gradient difference {worst:.3g} of the tensor's largest")
-    assert worst < rounding
+    for dequantized_loss, dequantized_grads in results[1:]:
+        assert torch.allclose(loss, dequantized_loss, rtol=rounding)
+        assert grads.keys() == dequantized_grads.keys() and len(grads) == 28
+        worst = max(float((dequantized_grads[n] - g).abs().max() / g.abs().max()) for n, g in grads.items())
+        print(f"{precision}: largest gradient difference {worst:.3g} of the tensor's largest")
+        assert worst < rounding
 
-    def auto(budget: float | None) -> bool:
-        wanted = dataclasses.replace(execution, dequantize_base="auto", memory_budget_gib=budget)
-        return modeling.dequantize_wanted(wanted, True)
 
-    assert not auto(None)  # a CPU: the 4-bit base the demo has always trained
+def test_dequantized_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any, tmp_path: Any) -> None:
+    """execution.dequantize_base resolved: true all layers, false none; auto none on a CPU (the 4-bit base the demo
+    has always trained), all on a big GPU, and under a budget the more layers the more memory; none without
+    quantization."""
+    import dataclasses
+
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from duel.io import write_json
+
+    LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=128)).save_pretrained(tmp_path)
+    write_json(tmp_path / "model.json", {"path": str(tmp_path)})
+    quantized = dataclasses.replace(params, quantization=dataclasses.replace(params.quantization, enabled=True))
+    loaded = modeling.load_base_model(tmp_path, quantized.model("llama"), quantized, "sdpa")
+
+    def count(value: Any, budget: float | None = None, tokens: int | None = 512, quantize: bool = True) -> int:
+        execution = dataclasses.replace(params.execution, dequantize_base=value, memory_budget_gib=budget)
+        quantization = dataclasses.replace(params.quantization, enabled=quantize)
+        resolved = dataclasses.replace(params, execution=execution, quantization=quantization)
+        return modeling.dequantized_layer_count(loaded, resolved.model("llama"), resolved, tokens)
+
+    assert (count(True), count(False), count("auto")) == (2, 0, 0)  # a CPU: auto keeps the 4-bit base
+    assert count(True, quantize=False) == 0  # nothing to dequantize
+    monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 80.0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    assert count("auto") == 2 and count("auto", budget=1e-6) == 0  # a big GPU: all; no room: none
+    counts = [count("auto", budget=float(b)) for b in np.geomspace(1e-4, 1e-2, 200)]
+    assert counts == sorted(counts) and set(counts) == {0, 1, 2}  # the larger the budget, the more layers
+    # Without a token count the worst case is planned for: micro_batch x max_length.
+    assert count("auto", budget=3e-3, tokens=None) <= count("auto", budget=3e-3, tokens=64)
+
+
+def test_layers_to_dequantize_fill_the_budget_before_unchecked_layers() -> None:
+    """Llama-2-7B's shape at 6,000 tokens a micro-batch: the dequantized layers (0.28 GiB more each) fill what
+    training with every layer checkpointed leaves of the budget, and the checkpointing plan made after them then
+    leaves every layer checkpointed, within the budget's share."""
+    fixed, layer_bytes, share = 4.12 * GIB + 12 * 40e6, 1.5 * 202e6, checkpointing.EXPANDABLE_SHARE
+    plans = {
+        b: checkpointing.layers_to_dequantize(b * GIB, fixed, **LLAMA, max_tokens=6000, layer_bytes=layer_bytes)
+        for b in (8, 12, 16, 24, 48)
+    }
+    assert plans[8] == 0 and 0 < plans[12] < plans[16] < plans[24] == plans[48] == 32
+    for budget in (12, 16):
+        count = checkpointing.layers_to_dequantize(
+            budget * GIB, fixed, **LLAMA, max_tokens=6000, layer_bytes=layer_bytes, share=share
+        )
+        after = fixed + count * layer_bytes
+        plan = checkpointing.layers_to_checkpoint(budget * GIB, after, **LLAMA, max_tokens=6000, share=share)
+        assert plan == (32, False)
+        more = fixed + (count + 1) * layer_bytes  # one layer more would not fit all-checkpointed training
+        assert checkpointing.all_checkpointed_room(budget * GIB, more, **LLAMA, max_tokens=6000, share=share) < 0
+    # The allocator decides the share: expandable segments leave less slack.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling, "gpu_memory_gib", lambda: 80.0)
-        assert auto(None) and not auto(16.0)  # a budget asks for the 4-bit base's memory
-        patch.setattr(modeling, "gpu_memory_gib", lambda: 24.0)
-        assert not auto(None)
-    assert not modeling.dequantize_wanted(execution, quantized=False)  # nothing to dequantize
+        patch.setenv(checkpointing.ALLOCATOR_ENV, checkpointing.EXPANDABLE)
+        assert checkpointing.budget_share() == checkpointing.EXPANDABLE_SHARE
+        patch.delenv(checkpointing.ALLOCATOR_ENV)
+        assert checkpointing.budget_share() == checkpointing.BUDGET_SHARE
