@@ -250,8 +250,9 @@ def offload(key: str, profiles: list[Path], steps: int, budget_gib: float) -> No
         finetune(key, f"offload-{way or 'off'}")
 
 
-def peer(key: str, profiles: list[Path], steps: int) -> None:
-    """The project and Unsloth at each budget on the same N steps of reviews (steady_reviews_per_s: after 2 steps)."""
+def peer(key: str, profiles: list[Path], steps: int, variants: list[str]) -> None:
+    """The project and Unsloth at each budget on the same N steps of reviews (steady_reviews_per_s: after 2 steps);
+    then the SWEEP variants named, on those reviews."""
     baseline(key, 16, 1, 4)
     data = prepare_steps(key, profiles, steps)
     budgets = ",".join(str(b or 0) for b in PEER_BUDGETS)
@@ -265,6 +266,7 @@ def peer(key: str, profiles: list[Path], steps: int) -> None:
     for budget in PEER_BUDGETS:
         write_params(key, profiles, data=data, train={"steps": steps}, execution={"memory_budget_gib": budget})
         finetune(key, f"budget-{budget or 'none'}")
+    run_variants(key, profiles, steps, data, variants)
 
 
 # The paper's Table 3: its recipe, then with one technique switched (params sections laid over profiles/paper.yaml).
@@ -333,6 +335,12 @@ def sweep(
     if with_baseline:
         baseline(key, 16, 1, 4)
     data = prepare_steps(key, profiles, steps)
+    run_variants(key, profiles, steps, data, variants)
+    return data
+
+
+def run_variants(key: str, profiles: list[Path], steps: int, data: dict[str, Any], variants: list[str]) -> None:
+    """N steps of the finetune stage per SWEEP variant, on the call's prepared reviews (prepare_steps' data)."""
     for variant in variants:
         sections = dict(SWEEP[variant])
         env = sections.pop("env", {})
@@ -340,7 +348,6 @@ def sweep(
         if variant == "compiled-cold":
             shutil.rmtree(CALL_CACHE, ignore_errors=True)
         finetune(key, f"sweep-{variant}", CALL_CACHE if variant.startswith("compiled-") else None, env)
-    return data
 
 
 def profile_steps(key: str, profiles: list[Path], data: dict[str, Any]) -> None:
@@ -378,7 +385,11 @@ def main() -> None:
     parser.add_argument("--profile-step", action="store_true", help="profile steps 3-5 of the finetune stage")
     parser.add_argument("--compiled", action="store_true", help="the default and budget runs again, compiled")
     parser.add_argument("--sweep", type=int, default=0, help="N steps of the finetune stage per SWEEP variant")
-    parser.add_argument("--variants", default="", help="the SWEEP variants to run, comma-separated (default: all)")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="the SWEEP variants to run, comma-separated (--sweep: all by default; --peer: after it)",
+    )
     parser.add_argument("--ablation", type=int, default=0, help="the paper's Table 3 in N steps per variant")
     parser.add_argument("--together", type=int, default=0, help="N steps per model: alone, then both at once")
     parser.add_argument("--peer", type=int, default=0, help="N steps per budget: the project, then Unsloth")
@@ -404,7 +415,7 @@ def main() -> None:
             ablation(key, profiles, args.ablation)
             continue
         if args.peer:
-            peer(key, profiles, args.peer)
+            peer(key, profiles, args.peer, args.variants.split(",") if args.variants else [])
             continue
         if args.offload:
             offload(key, profiles, args.offload, args.budget_gib)
