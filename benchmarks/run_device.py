@@ -416,6 +416,7 @@ def main() -> None:
             continue
         if args.peer:
             peer(key, profiles, args.peer, args.variants.split(",") if args.variants else [])
+            gpu_tests(key, args)
             continue
         if args.offload:
             offload(key, profiles, args.offload, args.budget_gib)
