@@ -157,9 +157,9 @@ def layers_to_dequantize(
     """How many decoder layers can hold their frozen projections dequantized (layer_bytes more each than in 4 bits)
     beside training with every layer checkpointed; the room left after them goes to layers not checkpointed
     (layers_to_checkpoint, planned once they are dequantized). Dequantizing comes first because it buys more speed
-    per GiB: on the H100, Llama-2 trained 1.5x faster on the dequantized base without checkpointing (47.6 against
-    31.3 reviews/s) for 9 GiB, while leaving 10 of 32 layers unchecked at a 24 GiB budget bought 1.13x (29.2
-    against 25.8) for 10.6 GiB."""
+    per GiB: on the H100, Llama-2 trained 1.52x faster on the dequantized base without checkpointing (47.6 against
+    31.3 reviews/s) for 8.9 GiB, while 8 more layers unchecked (22 of 32 checkpointed at 24 GiB against 30 at
+    12 GiB) bought 1.05x (29.2 against 27.7) for 8.4 GiB."""
     room = all_checkpointed_room(budget_bytes, fixed_bytes, layers, hidden, intermediate, max_tokens, share)
     return min(layers, max(0, int(room // layer_bytes)))
 
