@@ -245,7 +245,7 @@ def dequantized_layer_count(
     dequantized for training: true all, false none; auto none on a CPU and, on a GPU, as many as fit
     execution.memory_budget_gib (the GPU's memory when unset) beside training with every layer checkpointed, for
     micro-batches of max_tokens tokens (layers_to_dequantize): all of them on a GPU of 40 GiB or more without a
-    budget. None without quantization (nothing to dequantize)."""
+    budget. Zero without quantization (nothing to dequantize)."""
     layers = decoder_layers(base)
     wanted, total = params.execution.dequantize_base, gpu_memory_gib()
     if not params.quantization.enabled or not layers:
