@@ -180,9 +180,21 @@ def checkpointed_layer_count(model: Any, params: Params, max_tokens: int | None)
         return layers, offload is True
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fixed = torch.cuda.memory_allocated() + 12 * trainable  # fp32 gradient and AdamW's two moments per LoRA weight
-    tokens = max_tokens or params.execution.micro_batch * params.data.max_length
-    budget = (params.execution.memory_budget_gib or total) * 2**30
-    config = model.config
-    shape = (layers, config.hidden_size, config.intermediate_size, tokens)
-    count, short = layers_to_checkpoint(budget, fixed, *shape, share=budget_share())
+    count, short = layers_to_checkpoint(fixed_bytes=fixed, **planned_budget(model, params, max_tokens, total))
     return count, bool(count) and (offload is True or (offload == "auto" and short))
+
+
+def planned_budget(model: Any, params: Params, max_tokens: int | None, total_gib: float) -> dict[str, float]:
+    """The arguments the memory plans (layers_to_checkpoint, layers_to_dequantize) share, all but fixed_bytes: the
+    budget in bytes (execution.memory_budget_gib, else the GPU's total_gib), the model's decoder layers, hidden and
+    intermediate sizes, the tokens of the largest micro-batch (micro_batch x max_length when max_tokens is not
+    given), and the share of the budget planned for under this process's allocator."""
+    config = model.config
+    return {
+        "budget_bytes": (params.execution.memory_budget_gib or total_gib) * 2**30,
+        "layers": len(decoder_layers(model)),
+        "hidden": config.hidden_size,
+        "intermediate": config.intermediate_size,
+        "max_tokens": max_tokens or params.execution.micro_batch * params.data.max_length,
+        "share": budget_share(),
+    }

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from duel import attention
 from duel.checkpointing import (
-    budget_share,
     checkpointed_layer_count,
     decoder_layers,
     gpu_memory_gib,
     layers_to_dequantize,
+    planned_budget,
     set_checkpointed_layers,
 )
 from duel.errors import ParamsError
@@ -254,18 +254,15 @@ def dequantized_layer_count(
         return len(layers) if wanted else 0
     if total is None:
         return 0
-    quantized = [m for m in layers[0].modules() if type(m).__name__ == "Linear4bit"]
+    quantized = four_bit_modules(layers[0])
     layer_bytes = sum(m.in_features * m.out_features * m.weight.quant_state.dtype.itemsize for m in quantized)
     layer_bytes -= sum(m.weight.data.nbytes for m in quantized)  # the packed 4-bit values it replaces
     targets = set(model.lora_targets)
     adapted = [m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in targets]
     lora = params.lora.r * sum(m.in_features + m.out_features for m in adapted)
     fixed = torch.cuda.memory_allocated() + 16 * lora  # fp32 LoRA weights, their gradients and AdamW's two moments
-    tokens = max_tokens or params.execution.micro_batch * params.data.max_length
-    budget = (params.execution.memory_budget_gib or total) * 2**30
-    config = base.config
-    shape = (len(layers), config.hidden_size, config.intermediate_size, tokens)
-    return layers_to_dequantize(budget, fixed, *shape, layer_bytes=max(layer_bytes, 1), share=budget_share())
+    plan = planned_budget(base, params, max_tokens, total)
+    return layers_to_dequantize(fixed_bytes=fixed, layer_bytes=max(layer_bytes, 1), **plan)
 
 
 def base_for_training(
@@ -289,17 +286,26 @@ def dequantize_layers(base: PreTrainedModel, count: int) -> PreTrainedModel:
     return base
 
 
+def four_bit_modules(module: Any) -> list[Any]:
+    """The bitsandbytes 4-bit linear layers in a module (PEFT's LoRA wrapper of one shares the class name)."""
+    return [m for m in module.modules() if type(m).__name__ == "Linear4bit"]
+
+
+def layers_in_4bit(model: Any) -> list[bool]:
+    """For each decoder layer, whether its projections are held in 4 bits."""
+    return [bool(four_bit_modules(layer)) for layer in decoder_layers(model)]
+
+
 def base_weights(model: Any) -> str:
     """How the frozen base's projections are held: 4-bit (bitsandbytes), unquantized (dequantized or never
     quantized), or 4-bit in some decoder layers and dequantized in the others (dequantized_layers says how many)."""
-    quantized = [any(type(m).__name__ == "Linear4bit" for m in layer.modules()) for layer in decoder_layers(model)]
+    quantized = layers_in_4bit(model)
     return "4-bit" if all(quantized) else "partly dequantized" if any(quantized) else "unquantized"
 
 
 def dequantized_layers(model: Any, quantized: bool) -> int:
     """How many decoder layers of a 4-bit model (quantized) hold their projections dequantized."""
-    layers = decoder_layers(model)
-    return sum(not any(type(m).__name__ == "Linear4bit" for m in layer.modules()) for layer in layers) * quantized
+    return layers_in_4bit(model).count(False) if quantized else 0
 
 
 def dequantized(base: PreTrainedModel, quantized: bool) -> PreTrainedModel:
