@@ -9,9 +9,10 @@ AdamW. Each review is a row of its own, right-padded to the longest of its micro
 TRL's SFTTrainer, which would tokenize the text again; it drops the attention mask when training, exact only for
 right padding).
 
-A budget caps torch's allocator, as execution.memory_budget_gib does for the project; on an out-of-memory error the
-micro-batch halves (16, 8, ..., 1), gradient accumulation making up the 16 reviews of a step. One JSON line per
-budget and checkpointing way, on stdout or, with --results, appended to run_device.py's results.jsonl as it comes:
+A budget caps torch's allocator as execution.memory_budget_gib does for the project (the budget less the memory
+outside torch, duel.checkpointing.limit_gpu_memory); on an out-of-memory error the micro-batch halves (16, 8, ..., 1),
+gradient accumulation making up the 16 reviews of a step. One JSON line per budget and checkpointing way, on stdout
+or, with --results, appended to run_device.py's results.jsonl as it comes:
 
     python benchmarks/peer.py llama --budgets 8,12,16,24,0      (0: the whole GPU)
 
@@ -37,10 +38,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from duel.checkpointing import limit_gpu_memory
 from duel.hub import load_tokenizer
 from duel.io import read_json
 from duel.params import Params, load_params
-from duel.telemetry import GpuSampler
+from duel.telemetry import GpuSampler, allocator_summary
 from duel.training import AnswerCollator, ReviewDataset, training_order
 
 MICRO_BATCHES = (16, 8, 4, 2, 1)
@@ -110,8 +112,9 @@ def right_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([row.roll(-n) for row, n in zip(batch[k], pads, strict=True)]) for k in keys}
 
 
-def train(model: Any, work: Work, micro_batch: int) -> dict[str, Any]:
-    """train.steps optimizer steps of train.batch_size reviews, micro_batch at a time; the time of each step."""
+def train(model: Any, work: Work, micro_batch: int, budget_gib: float | None = None) -> dict[str, Any]:
+    """train.steps optimizer steps of train.batch_size reviews, micro_batch at a time; the time of each step. The
+    budget's cap is set again after the first step, as the finetune stage does (BudgetKeeper)."""
     device = next(model.parameters()).device
     batch_size = work.params.train.batch_size
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +140,9 @@ def train(model: Any, work: Work, micro_batch: int) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_s.append(time.perf_counter() - start)
-    hardware = sampler.stop()
+        if step == 0 and budget_gib:
+            limit_gpu_memory(budget_gib)
+    hardware = sampler.stop() | allocator_summary()
     del optimizer, trainable
     seconds = sum(step_s)
     steady = step_s[2:] or step_s
@@ -151,13 +156,6 @@ def train(model: Any, work: Work, micro_batch: int) -> dict[str, Any]:
         "first_loss": round(losses[0], 4),
         "final_loss": round(losses[-1], 4),
     } | hardware
-
-
-def limit(budget_gib: float) -> None:
-    """Cap torch's allocator at the budget (0: the whole GPU), as the finetune stage does."""
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total) if budget_gib else 1.0)
 
 
 def adapters(model: Any) -> dict[str, torch.Tensor]:
@@ -175,7 +173,7 @@ def restore(model: Any, saved: dict[str, torch.Tensor]) -> None:
 def at_budget(model: Any, work: Work, budget_gib: float, initial: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The largest micro-batch that trains within the budget, from the `initial` adapters and the training seed, and
     what it measured."""
-    limit(budget_gib)
+    limit_gpu_memory(budget_gib or None)
     for retries, micro_batch in enumerate(MICRO_BATCHES):
         if work.params.train.batch_size % micro_batch:
             continue
@@ -185,7 +183,7 @@ def at_budget(model: Any, work: Work, budget_gib: float, initial: dict[str, torc
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            result = train(model, work, micro_batch)
+            result = train(model, work, micro_batch, budget_gib or None)
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             continue

@@ -76,6 +76,8 @@ class Record:
     steady_gpu_util_pct: float | None = None  # over the steps after the first 2 (finetune results that log it)
     peak_vram_gib: float | None = None  # torch.cuda.max_memory_reserved
     nvml_peak_gib: float | None = None  # NVML device memory used, CUDA context included
+    outside_torch_gib: float | None = None  # device memory outside torch's allocator at the end (CUDA context, ...)
+    alloc_retries: int | None = None  # torch's allocator released its cached blocks and tried again
     energy_j: float | None = None  # NVML's energy counter over the timed run
     energy_j_per_step: float | None = None
     oom_retries: int | None = None  # out-of-memory back-offs during the run

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from duel.params import Params
+from duel.params import Params, ParamsError
+from duel.telemetry import outside_torch_bytes
 
 
 def gpu_memory_gib() -> float | None:
@@ -31,11 +32,34 @@ def configure_allocator(expandable_segments: bool) -> str | None:
     return os.environ.get(ALLOCATOR_ENV)
 
 
-def limit_gpu_memory(budget_gib: float | None) -> None:
-    """execution.memory_budget_gib: cap torch's caching allocator at the budget (a no-op without one or a GPU)."""
-    total = gpu_memory_gib()
-    if budget_gib and total:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib / total))
+def torch_room_bytes(budget_gib: float | None) -> float:
+    """What torch's caching allocator may hold on this process's GPU: what it holds plus what the GPU has free, and
+    with execution.memory_budget_gib no more than the budget less the memory outside torch (outside_torch_bytes). The
+    budget counts the device's memory as NVML does (nvml_peak_gib, nvidia-smi), so that a run within 8 GiB fits a
+    card of 8 GiB; the CUDA context alone holds about 1.2 GiB (H100) to 1.35 GiB (H200) at a fine-tune's peak."""
+    free, _ = torch.cuda.mem_get_info()
+    room = torch.cuda.memory_reserved() + free
+    if not budget_gib:
+        return room
+    outside = outside_torch_bytes()
+    if budget_gib * 2**30 <= outside:
+        raise ParamsError(
+            f"execution.memory_budget_gib: {budget_gib:g} GiB does not cover the {outside / 2**30:.2f} GiB the GPU "
+            "already holds outside torch (the CUDA context, kernels, other processes); raise it"
+        )
+    return min(room, budget_gib * 2**30 - outside)
+
+
+def limit_gpu_memory(budget_gib: float | None) -> float | None:
+    """execution.memory_budget_gib: cap torch's caching allocator at torch_room_bytes (none: the whole GPU, torch's
+    default); the finetune stage calls it again after its first optimizer step, once the kernels that step loaded
+    hold their memory. Returns the cap in GiB; None without a budget or a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    room = torch_room_bytes(budget_gib) if budget_gib else total
+    torch.cuda.set_per_process_memory_fraction(min(1.0, room / total))
+    return room / 2**30 if budget_gib else None
 
 
 def decoder_layers(model: Any) -> list[Any]:
@@ -180,18 +204,19 @@ def checkpointed_layer_count(model: Any, params: Params, max_tokens: int | None)
         return layers, offload is True
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fixed = torch.cuda.memory_allocated() + 12 * trainable  # fp32 gradient and AdamW's two moments per LoRA weight
-    count, short = layers_to_checkpoint(fixed_bytes=fixed, **planned_budget(model, params, max_tokens, total))
+    count, short = layers_to_checkpoint(fixed_bytes=fixed, **planned_budget(model, params, max_tokens))
     return count, bool(count) and (offload is True or (offload == "auto" and short))
 
 
-def planned_budget(model: Any, params: Params, max_tokens: int | None, total_gib: float) -> dict[str, float]:
+def planned_budget(model: Any, params: Params, max_tokens: int | None) -> dict[str, float]:
     """The arguments the memory plans (layers_to_checkpoint, layers_to_dequantize) share, all but fixed_bytes: the
-    budget in bytes (execution.memory_budget_gib, else the GPU's total_gib), the model's decoder layers, hidden and
-    intermediate sizes, the tokens of the largest micro-batch (micro_batch x max_length when max_tokens is not
-    given), and the share of the budget planned for under this process's allocator."""
+    bytes torch may hold (torch_room_bytes: execution.memory_budget_gib less the memory outside torch, else the GPU's
+    memory), the model's decoder layers, hidden and intermediate sizes, the tokens of the largest micro-batch
+    (micro_batch x max_length when max_tokens is not given), and the share of the budget planned for under this
+    process's allocator."""
     config = model.config
     return {
-        "budget_bytes": (params.execution.memory_budget_gib or total_gib) * 2**30,
+        "budget_bytes": torch_room_bytes(params.execution.memory_budget_gib),
         "layers": len(decoder_layers(model)),
         "hidden": config.hidden_size,
         "intermediate": config.intermediate_size,

@@ -63,11 +63,15 @@ PEER_COLUMNS.append("project / plain")
 
 
 def figure(r: dict[str, Any]) -> str:
-    """Steady reviews/s with the memory, utilization and way of a fine-tune or peer record."""
+    """Steady reviews/s with the memory (torch's reserved peak, then NVML's: the card's, the CUDA context included,
+    marked where it went over the budget), utilization and way of a fine-tune or peer record."""
     way = f", mb {r['micro_batch']} after {r['oom_retries']} OOM" if r["oom_retries"] else ""
     if r["stage"] == "peer":
         way = f", mb {r['micro_batch']}" + ("" if r["gradient_checkpointing"] else ", no ckpt")
-    return f"{r['steady_reviews_per_s']:.1f} ({r['peak_vram_gib']:.1f} GiB, {r['gpu_util_pct']:.0f}% busy{way})"
+    card, budget = r.get("nvml_peak_gib"), r.get("memory_budget_gib")
+    memory = f"{r['peak_vram_gib']:.1f}" + (f" / {card:.1f}" if card is not None else "") + " GiB"
+    memory += " over budget" if card is not None and budget and card > budget else ""
+    return f"{r['steady_reviews_per_s']:.1f} ({memory}, {r['gpu_util_pct']:.0f}% busy{way})"
 
 
 def peer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -261,7 +261,7 @@ def dequantized_layer_count(
     adapted = [m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in targets]
     lora = params.lora.r * sum(m.in_features + m.out_features for m in adapted)
     fixed = torch.cuda.memory_allocated() + 16 * lora  # fp32 LoRA weights, their gradients and AdamW's two moments
-    plan = planned_budget(base, params, max_tokens, total)
+    plan = planned_budget(base, params, max_tokens)
     return layers_to_dequantize(fixed_bytes=fixed, layer_bytes=max(layer_bytes, 1), **plan)
 
 

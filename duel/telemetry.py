@@ -23,6 +23,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,12 +46,7 @@ class GpuSampler:
     def start(self) -> GpuSampler:
         if not torch.cuda.is_available():
             return self
-        import pynvml
-
-        pynvml.nvmlInit()
-        # NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES: find torch's device by its UUID.
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        self._handle = nvml_handle()
         self._energy_start_mj = self.energy_mj()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -102,6 +98,39 @@ class GpuSampler:
             else None,
             "energy_j": round(e, 1) if (e := self.energy_j()) is not None else None,
         }
+
+
+def nvml_handle() -> Any:
+    """NVML's handle of torch's current CUDA device. NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES: found by UUID."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+
+
+def device_used_bytes() -> int:
+    """Memory in use on torch's current CUDA device as NVML counts it, nvml_peak_gib's measure (nvidia-smi's): torch's
+    reserved memory, the CUDA context, loaded kernels, the driver's reserve and any other process's memory."""
+    import pynvml
+
+    return int(pynvml.nvmlDeviceGetMemoryInfo(nvml_handle()).used)
+
+
+def outside_torch_bytes() -> int:
+    """Memory in use on this process's GPU that torch's caching allocator does not hold (NVML's used less torch's
+    reserved): the CUDA context, the kernels loaded so far, the driver's reserve, any other process's memory."""
+    return max(0, device_used_bytes() - torch.cuda.memory_reserved())
+
+
+def allocator_summary() -> dict[str, float | int | None]:
+    """After a fine-tune: outside_torch_gib, the device memory outside torch's allocator (outside_torch_bytes, what
+    execution.memory_budget_gib leaves torch less of), and alloc_retries, how often torch's allocator found no free
+    block, released its cached ones and tried again (torch's num_alloc_retries: a slow step near a budget's cap)."""
+    if not torch.cuda.is_available():
+        return {"outside_torch_gib": None, "alloc_retries": None}
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    return {"outside_torch_gib": round(outside_torch_bytes() / GIB, 3), "alloc_retries": int(retries)}
 
 
 def torch_memory() -> dict[str, float | None]:

@@ -38,6 +38,7 @@ from duel.checkpointing import (
     ALLOCATOR_ENV,
     checkpointed_layers,
     decoder_layers,
+    limit_gpu_memory,
     offloaded_layers,
     switch_on_checkpointing,
 )
@@ -47,7 +48,16 @@ from duel.graphs import GraphedTrainer
 from duel.modeling import base_weights, compile_summary, dequantized_layers, quantization_name
 from duel.parallel import barrier, world_size
 from duel.params import Params
-from duel.telemetry import GpuSampler, Stopwatch, device_name, memory_kind, memory_now_gib, peak_memory, peak_tflops
+from duel.telemetry import (
+    GpuSampler,
+    Stopwatch,
+    allocator_summary,
+    device_name,
+    memory_kind,
+    memory_now_gib,
+    peak_memory,
+    peak_tflops,
+)
 
 IGNORE = -100
 
@@ -371,6 +381,19 @@ class StepTelemetry(TrainerCallback):
         raise TrainingError(f"train: the gradient norm is {grad_norm} at step {state.global_step}; {cause}")
 
 
+class BudgetKeeper(TrainerCallback):
+    """execution.memory_budget_gib counts the memory outside torch (limit_gpu_memory), and the kernels the first
+    optimizer step loads add to it: the allocator's cap is set again after that step."""
+
+    def __init__(self, budget_gib: float | None) -> None:
+        self.budget_gib, self.capped = budget_gib, False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.budget_gib and not self.capped:
+            limit_gpu_memory(self.budget_gib)
+            self.capped = True
+
+
 class LiveStep(TrainerCallback):
     """Puts DVCLive's step on the optimizer step (its own counter counts log calls), so the curves of runs that log
     every step and every 10 steps share one x axis. Must come before DVCLive's callback."""
@@ -586,6 +609,7 @@ def fine_tune(
         token_counts[micro_batch] = step_token_counts(lengths, order, run_params)
         loss = AnswerLoss(dataset.answer_ids)  # a callback too: adds the label-word loss to the log line
         callbacks = [StepTelemetry(*token_counts[micro_batch], params.train.batch_size, sampler), loss]
+        callbacks.append(BudgetKeeper(params.execution.memory_budget_gib))
         if live is not None:  # None on ranks other than 0: one process writes the series
             callbacks += [LiveStep(live), DVCLiveCallback(live=live)]
         trainer = GraphedTrainer if params.execution.cuda_graphs else Trainer
@@ -611,7 +635,8 @@ def fine_tune(
     )
     seconds = watch.elapsed_s()
     check_finite_weights(model, params)
-    return FineTune(run, seconds, sampler.stop() | peak_memory(), *token_counts[run.micro_batch])
+    hardware = sampler.stop() | peak_memory() | allocator_summary()
+    return FineTune(run, seconds, hardware, *token_counts[run.micro_batch])
 
 
 def check_finite_weights(model: Any, params: Params) -> None:

@@ -68,7 +68,7 @@ def main() -> None:
     set_seed(params.seeds.train)
     base, tokens = Path("models/base") / key, Path("data/tokenized") / key
     checkpoints, adapter_dir = Path("checkpoints") / key, Path("models/adapters") / key
-    limit_gpu_memory(execution.memory_budget_gib)
+    cap = limit_gpu_memory(execution.memory_budget_gib)  # the budget less the CUDA context's memory
 
     train = pd.read_parquet(tokens / "train.parquet")
     answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
@@ -89,6 +89,7 @@ def main() -> None:
     compile_layers(model, execution.compile)
     layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))}"
     budget = f"{execution.memory_budget_gib:g} GiB" if execution.memory_budget_gib else "none"
+    budget += f", torch's allocator capped at {cap:.2f} GiB" if cap else ""
     print(
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
         f"{execution.gradient_checkpointing}, memory budget {budget}, largest micro-batch {largest} tokens), "

@@ -552,3 +552,30 @@ def test_expandable_segments_reach_the_allocator_after_cuda_is_up():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["expandable_segments:True", "True"], done.stdout
+
+
+def test_memory_budget_holds_the_card_within_it():
+    """execution.memory_budget_gib is the card's memory as NVML counts it: with the CUDA context up, a budget of what
+    the GPU holds plus 1 GiB lets torch allocate 0.75 GiB more and not 1.25 (a cap at the budget itself would: the
+    context's memory would not count), and NVML's used memory stays within the budget (a fresh process)."""
+    script = (
+        "import torch\n"
+        "from duel.checkpointing import limit_gpu_memory\n"
+        "from duel.telemetry import device_used_bytes, outside_torch_bytes\n"
+        "GIB = 2**30\n"
+        "torch.ones(1, device='cuda')\n"
+        "budget = (outside_torch_bytes() + torch.cuda.memory_reserved()) / GIB + 1.0\n"
+        "limit_gpu_memory(budget)\n"
+        "kept = torch.empty(int(0.75 * GIB), dtype=torch.uint8, device='cuda')\n"
+        "try:\n"
+        "    more = torch.empty(int(0.5 * GIB), dtype=torch.uint8, device='cuda')\n"
+        "    refused = False\n"
+        "except torch.OutOfMemoryError:\n"
+        "    refused = True\n"
+        "print(budget, device_used_bytes() / GIB, refused)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    budget, used, refused = done.stdout.split()
+    print(f"budget {float(budget):.2f} GiB, NVML used {float(used):.2f} GiB, 0.5 GiB more refused: {refused}")
+    assert refused == "True" and float(used) <= float(budget)

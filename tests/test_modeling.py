@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,47 @@ def test_attention_auto_and_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 GIB = 2**30
+
+
+class FakeGpu:
+    """torch.cuda's memory calls on an 80 GiB GPU where torch holds 10 GiB, 60 GiB are free and 1.2 GiB are in use
+    outside torch (the CUDA context), and the allocator caps set on it."""
+
+    total, reserved, free, outside = 80 * GIB, 10 * GIB, 60 * GIB, int(1.2 * GIB)
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fractions: list[float] = []
+        properties = type("Properties", (), {"total_memory": self.total})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (self.free, self.total))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: self.reserved)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.fractions.append)
+        monkeypatch.setattr(checkpointing, "outside_torch_bytes", lambda: self.outside)
+
+
+def test_memory_budget_counts_the_memory_outside_torch(monkeypatch: pytest.MonkeyPatch, params: Any) -> None:
+    """execution.memory_budget_gib is the card's memory, as NVML counts it: torch may hold the budget less what the
+    CUDA context holds, never more than it holds plus what is free; without a budget, all of that."""
+    gpu = FakeGpu(monkeypatch)
+    assert checkpointing.torch_room_bytes(16) == 16 * GIB - gpu.outside
+    assert checkpointing.torch_room_bytes(None) == checkpointing.torch_room_bytes(100) == 70 * GIB
+    assert checkpointing.limit_gpu_memory(16) == pytest.approx(14.8)
+    assert gpu.fractions == [pytest.approx(14.8 / 80)]
+    assert checkpointing.limit_gpu_memory(None) is None and gpu.fractions[-1] == 1.0  # the whole GPU again
+    too_small = r"^execution\.memory_budget_gib: 1 GiB does not cover the 1\.20 GiB"
+    with pytest.raises(checkpointing.ParamsError, match=too_small):
+        checkpointing.limit_gpu_memory(1)
+    # The plans size themselves to the same room.
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    model = type("Model", (), {"config": type("Config", (), {"hidden_size": 64, "intermediate_size": 128})})()
+    budget = dataclasses.replace(params.execution, memory_budget_gib=8.0)
+    params = dataclasses.replace(params, execution=budget)
+    monkeypatch.setattr(checkpointing, "decoder_layers", lambda model: [None] * 2)
+    assert checkpointing.planned_budget(model, params, 512)["budget_bytes"] == 8 * GIB - gpu.outside
+
+
 # Llama-2-7B's shape, and what the H200 measured with micro-batch 16 packed and every layer checkpointed: 4.12 GiB
 # allocated by the 4-bit model with LoRA, peak 6.98 GiB over batches of up to about 4,500 tokens.
 LLAMA = {"layers": 32, "hidden": 4096, "intermediate": 11008}
@@ -152,6 +194,7 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     assert plan(True) == (2, False) and plan(False) == (0, False) and plan(True, offload=True) == (2, True)
     assert plan("auto") == (2, False)  # a CPU: all, in memory the host has anyway
     monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
+    monkeypatch.setattr(checkpointing, "torch_room_bytes", lambda budget: (budget or 141.0) * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     assert plan("auto") == (0, False)  # tiny model, big GPU: none
     assert plan("auto", budget=1e-6) == (2, True)  # no room at all: every layer, offloaded
@@ -161,6 +204,7 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     assert counts == sorted(counts, reverse=True) and set(counts) == {2, 1, 0}
     monkeypatch.undo()
     monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
+    monkeypatch.setattr(checkpointing, "torch_room_bytes", lambda budget: (budget or 141.0) * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     # Without a token count the worst case is planned for: micro_batch x max_length.
     assert resolved("auto", budget=1e-3, tokens=None) >= resolved("auto", budget=1e-3, tokens=64)
@@ -299,6 +343,7 @@ def test_dequantized_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any, t
     assert (count(True), count(False), count("auto")) == (2, 0, 0)  # a CPU: auto keeps the 4-bit base
     assert count(True, quantize=False) == 0  # nothing to dequantize
     monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 80.0)
+    monkeypatch.setattr(checkpointing, "torch_room_bytes", lambda budget: (budget or 80.0) * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     assert count("auto") == 2 and count("auto", budget=1e-6) == 0  # a big GPU: all; no room: none
     counts = [count("auto", budget=float(b)) for b in np.geomspace(1e-4, 1e-2, 200)]

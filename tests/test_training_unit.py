@@ -17,6 +17,7 @@ from duel.training import (
     FP16_OVERFLOWS,
     IGNORE,
     AnswerCollator,
+    BudgetKeeper,
     ReviewDataset,
     StepTelemetry,
     TrainingError,
@@ -730,3 +731,18 @@ def test_expandable_segments_are_asked_for_unless_the_environment_has_its_own_al
     assert configure_allocator(True) == "expandable_segments:True" == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own
     assert configure_allocator(True) == "max_split_size_mb:512" == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+
+
+def test_budget_keeper_caps_the_allocator_again_after_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first optimizer step loads kernels whose memory counts against execution.memory_budget_gib: the cap is
+    set again once, after it; without a budget never."""
+    import duel.training
+
+    caps: list[float | None] = []
+    monkeypatch.setattr(duel.training, "limit_gpu_memory", caps.append)
+    args, state, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl()
+    for budget in (16.0, None):
+        keeper = BudgetKeeper(budget)
+        for _ in range(3):
+            keeper.on_step_end(args, state, control)
+    assert caps == [16.0]
