@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 from tqdm.auto import tqdm
 
+from duel.checkpointing import limit_gpu_memory
 from duel.errors import EvaluationError
 from duel.telemetry import GpuSampler, Stopwatch, peak_memory
 
@@ -23,13 +24,15 @@ def label_logits(
     batch_size: int,
     desc: str,
     stats: dict[str, int] | None = None,
+    budget_gib: float | None = None,
 ) -> np.ndarray:
     """Logits of [negative, positive] at the last prompt position, one row per review, in frame order.
 
     Reviews are scored in length-sorted batches (little padding), left-padded so the answer position is the last
     one for every row, and only that position's logits are computed (logits_to_keep=1). On a CUDA out-of-memory
     error the batch is halved and scoring goes on; `stats`, when given, gets the batch size it ended with and how
-    many times it was halved.
+    many times it was halved. With execution.memory_budget_gib (`budget_gib`), the allocator's cap is set again after
+    the first batch, whose kernels' memory counts against the budget (duel.checkpointing.limit_gpu_memory).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -56,6 +59,8 @@ def label_logits(
                 torch.cuda.empty_cache()
                 continue
             out[rows] = logits.index_select(1, columns).float().cpu().numpy()
+            if start == 0 and budget_gib:
+                limit_gpu_memory(budget_gib)
             start += len(rows)
             bar.update(len(rows))
     if stats is not None:
@@ -124,13 +129,20 @@ def predictions_frame(reviews: pd.DataFrame, logits: np.ndarray) -> pd.DataFrame
 
 
 def score(
-    model: Any, test: pd.DataFrame, answer_ids: tuple[int, int], pad_id: int, batch_size: int, desc: str
+    model: Any,
+    test: pd.DataFrame,
+    answer_ids: tuple[int, int],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    budget_gib: float | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Label-word logits of every test review, and what scoring paid: time, reviews/s, memory, GPU telemetry."""
+    """Label-word logits of every test review (label_logits, within `budget_gib`), and what scoring paid: time,
+    reviews/s, memory, GPU telemetry."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sampler, watch, stats = GpuSampler().start(), Stopwatch(), {}
-    logits = label_logits(model, test, answer_ids, pad_id, batch_size, desc, stats)
+    logits = label_logits(model, test, answer_ids, pad_id, batch_size, desc, stats, budget_gib)
     seconds = watch.elapsed_s()
     measured = {
         "time_s": round(seconds, 2),

@@ -229,13 +229,14 @@ UNQUANTIZED_FROM_GIB = 40.0
 
 
 def merge_wanted(execution: ExecutionParams) -> bool:
-    """execution.merge_adapter resolved: auto merges on CPUs and on GPUs of at least 40 GiB (the unquantized 7B model
-    and a batch of 64 reviews peaked at 22 GiB on the H200)."""
+    """execution.merge_adapter resolved: auto merges on CPUs and on GPUs of at least 40 GiB, counted within
+    execution.memory_budget_gib when one is set (the unquantized 7B model and a batch of 64 reviews peaked at 22 GiB
+    on the H200)."""
     wanted = execution.merge_adapter
     if wanted != "auto":
         return bool(wanted)
     total = gpu_memory_gib()
-    return total is None or total >= UNQUANTIZED_FROM_GIB
+    return total is None or min(total, execution.memory_budget_gib or total) >= UNQUANTIZED_FROM_GIB
 
 
 def dequantized_layer_count(

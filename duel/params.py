@@ -207,10 +207,10 @@ class ExecutionParams:
     training with every layer checkpointed, before any layer goes unchecked (gradient_checkpointing auto): all of them
     on a GPU of 40 GiB or more without a budget; on a CPU, none."""
     memory_budget_gib: float | None
-    """The GPU memory training may use, as NVML counts it (nvml_peak_gib, nvidia-smi; null: the whole GPU): the
-    memory of the card the run stands for. Torch's allocator is capped at the budget less the memory outside it (the
-    CUDA context and loaded kernels, 1.2-1.35 GiB on an H100 or H200), measured at the start and again after the
-    first optimizer step."""
+    """The GPU memory training and scoring may use, as NVML counts it (nvml_peak_gib, nvidia-smi; null: the whole
+    GPU): the memory of the card the run stands for. Torch's allocator is capped at the budget less the memory outside
+    it (the CUDA context and loaded kernels, 1.2-1.35 GiB on an H100 or H200), measured at the start and again after
+    the first optimizer step or scoring batch; merge_adapter auto merges only within a budget of 40 GiB or more."""
     expandable_segments: bool
     """Training: torch's CUDA allocator grows its memory segments in place (PYTORCH_CUDA_ALLOC_CONF
     expandable_segments:True) instead of caching blocks of each size the micro-batches of varying length ask for;

@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from duel.checkpointing import limit_gpu_memory
 from duel.evaluation import classification_metrics, confusion, predictions_frame, score
 from duel.hub import load_tokenizer
 from duel.io import atomic_dir, read_json, write_json
@@ -37,14 +38,16 @@ def score_model(
     attention = attention_implementation(params.execution.attention, packed=False)
     kernels = kernels_implementation(params.execution.kernels)
     merge = merge_wanted(params.execution)
+    limit_gpu_memory(params.execution.memory_budget_gib)  # scoring too stays within the poor man's GPU
 
     loaded = load_base_model(base, model, params, attention, kernels)
     if merge:  # the weights training saw, in compute_dtype, without per-batch dequantization
         loaded = dequantized(loaded, params.quantization.enabled)
     if adapter is not None:
         loaded = merged_adapter(loaded, adapter) if merge else load_adapter_for_inference(loaded, adapter)
+    pad_id, batch_size = load_tokenizer(base).pad_token_id, params.execution.eval_batch_size
     logits, measured = score(
-        loaded.eval(), test, answer_ids, load_tokenizer(base).pad_token_id, params.execution.eval_batch_size, desc
+        loaded.eval(), test, answer_ids, pad_id, batch_size, desc, params.execution.memory_budget_gib
     )
     del loaded
     if torch.cuda.is_available():

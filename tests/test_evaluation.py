@@ -190,3 +190,23 @@ def test_scoring_oom_at_batch_one_says_what_to_change(tiny_model):
             label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=4, desc="test")
     finally:
         hook.remove()
+
+
+def test_scoring_stays_within_the_memory_budget(tiny_model, monkeypatch: pytest.MonkeyPatch, params) -> None:
+    """execution.memory_budget_gib holds for scoring too: the allocator is capped again after the first batch (its
+    kernels' memory counts), and on an 80 GiB GPU a 16 GiB budget keeps the base in 4 bits (no merge)."""
+    import dataclasses
+
+    import duel.evaluation
+    from duel import modeling
+
+    caps: list[float | None] = []
+    monkeypatch.setattr(duel.evaluation, "limit_gpu_memory", caps.append)
+    frame = pd.DataFrame({"input_ids": [[5 + i] * (3 + i) for i in range(10)], "label": 0})
+    label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=4, desc="test", budget_gib=16.0)
+    label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=4, desc="test")
+    assert caps == [16.0]  # once, after the first of three batches; never without a budget
+
+    monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 80.0)
+    budgets = {b: dataclasses.replace(params.execution, memory_budget_gib=b) for b in (None, 16.0, 48.0)}
+    assert {b: modeling.merge_wanted(e) for b, e in budgets.items()} == {None: True, 16.0: False, 48.0: True}
