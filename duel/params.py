@@ -226,8 +226,8 @@ class ExecutionParams:
     """Score a copy of the base in compute_dtype (dequantized from 4 bits) with the adapter merged into it: the
     weights training saw, without per-batch dequantization or the adapter's side path (faster; needs the unquantized
     model's memory: 22 GiB peak for 7B at batch 64 on the H200). false: the 4-bit base with the adapter beside it.
-    auto: merge on CPUs and on GPUs of at least 40 GiB. The zero-shot scoring of a base model follows the same
-    choice (the dequantized or the 4-bit base)."""
+    auto: merge on CPUs and on GPUs of at least 40 GiB (within memory_budget_gib when set). The zero-shot scoring of
+    a base model follows the same choice (the dequantized or the 4-bit base)."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch", "pack_tokens", "graph_tokens", "logging_steps", "eval_batch_size"):
