@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from duel.claims import PEER_COLUMNS, newest_ablation, peer_rows, table3_markdown
+from duel.claims import PEER_COLUMNS, PeerBudget, newest_ablation, peer_budgets, peer_rows, table3_markdown
 
 BENCH = Path(__file__).resolve().parent
 RUN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-call(\d+)")
@@ -33,6 +33,7 @@ MAX_LENGTH = 512  # data.max_length; the fine-tune metrics do not record it
 TARGET_RATIO, TARGET_UTIL_PCT = {"default": 5.0, "budget": 3.5}, 90
 DEFAULT_RECIPES = ("default", "sweep-default")  # the duel's fine-tune, or the sweep's run of the same params alone
 TARGET_BUDGET_GIB, TARGET_EVAL_REVIEWS_PER_S, JUDGED_EVAL_REVIEWS = 16.0, 180.0, 3000
+TARGET_PEER_RATIO = 1.2  # ahead of Unsloth at every budget, on the same reviews
 PAPER_STEPS, PAPER_TEST_REVIEWS, TARGET_DUEL_S = 200, 25000, 8 * 60
 TARGETS = [
     f"{PAPER_STEPS}-step fine-tune: ≥ {TARGET_RATIO['default']:g}x the baseline, ≥ {TARGET_UTIL_PCT}% busy",
@@ -252,7 +253,7 @@ def meets(r: Record) -> bool:
 def targets(records: list[Record]) -> str:
     """Each target per model against the newest call that measured it; the duel: the newest with every model."""
     models = sorted({r.model for r in records if r.stage != "pair"})
-    rows = []
+    rows, dicts = [], [dataclasses.asdict(r) for r in records]
     for model in models:
         tuned = [r for r in records if r.model == model and r.stage == "finetune" and r.ratio_vs_baseline]
         scored = [r for r in records if r.model == model and r.stage == "evaluate" and r.recipe == "default"]
@@ -261,6 +262,7 @@ def targets(records: list[Record]) -> str:
         evaluate = [r for r in scored if r.test_reviews >= JUDGED_EVAL_REVIEWS]
         picks = zip(TARGETS, (default, budget, evaluate), strict=True)
         rows += [target_row(t, model, r := newest(c), r is not None and meets(r)) for t, c in picks]
+        rows.append(peer_target(model, [b for b in peer_budgets(dicts) if b.model == model]))
     duels = [r for r in records if r.stage == "duel" and (r.steps, r.test_reviews) == (PAPER_STEPS, PAPER_TEST_REVIEWS)]
     last = newest([r for r in duels if {d.model for d in duels if d.run == r.run} == set(models)])
     chain = [r for r in duels if last and r.run == last.run]
@@ -269,6 +271,20 @@ def targets(records: list[Record]) -> str:
     duel = f"paper-scale duel, the models one after another: ≤ {TARGET_DUEL_S / 60:g} min"
     rows.append(target_row(duel, " + ".join(models), last, total_s <= TARGET_DUEL_S, figure))
     return table(rows, ["target", "model", "run", "measured", "gpu_util_pct", "peak_vram_gib", "met"])
+
+
+def peer_target(model: str, budgets: list[PeerBudget]) -> dict[str, Any]:
+    """The newest peer call's budgets for a model: met when the project ran at least TARGET_PEER_RATIO times the
+    peer's steady reviews/s at every budget, each within its budget on the card (NVML's peak)."""
+    target = f"against Unsloth: ≥ {TARGET_PEER_RATIO:g}x at every budget, NVML within it"
+    if not budgets:
+        return dict(target=target, model=model, measured="not measured")
+    slowest = min(budgets, key=lambda b: b.ratio)
+    over = [f"{b.budget_gib:g}" for b in budgets if not b.project_fits]
+    where = f"{slowest.budget_gib:g} GiB" if slowest.budget_gib else "whole GPU"
+    figure = f"{slowest.ratio:.2f}x at its lowest ({where}); over budget on the card at: {', '.join(over) or 'none'}"
+    met = slowest.ratio >= TARGET_PEER_RATIO and not over
+    return dict(target=target, model=model, run=budgets[0].run, measured=figure, met="yes" if met else "no")
 
 
 FINETUNE_COLUMNS = [

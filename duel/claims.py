@@ -74,10 +74,33 @@ def figure(r: dict[str, Any]) -> str:
     return f"{r['steady_reviews_per_s']:.1f} ({memory}, {r['gpu_util_pct']:.0f}% busy{way})"
 
 
-def peer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, the newest call that ran the peer (benchmarks/run_device.py --peer), budget by budget: the project's
-    fine-tune, the peer's fastest way within the budget, the plain stack (its one configuration, where it fits)."""
-    rows = []
+@dataclass(frozen=True)
+class PeerBudget:
+    """One budget of the newest call that ran the peer for a model: the project's fine-tune, the peer's fastest way
+    within the budget, the plain stack's one configuration (all records)."""
+
+    model: str
+    run: str
+    budget_gib: float | None
+    project: dict[str, Any]
+    peer: dict[str, Any]
+    plain: dict[str, Any]
+
+    @property
+    def ratio(self) -> float:
+        """The project's steady reviews/s over the peer's."""
+        return self.project["steady_reviews_per_s"] / self.peer["steady_reviews_per_s"]
+
+    @property
+    def project_fits(self) -> bool:
+        """Whether the project's NVML peak (the card's memory, the CUDA context included) stayed within the budget."""
+        card = self.project.get("nvml_peak_gib")
+        return self.budget_gib is None or (card is not None and card <= self.budget_gib)
+
+
+def peer_budgets(records: list[dict[str, Any]]) -> list[PeerBudget]:
+    """Per model, the newest call that ran the peer (benchmarks/run_device.py --peer), budget by budget."""
+    budgets = []
     for model in sorted({r["model"] for r in records if r["stage"] == "peer"}):
         run = max(r["run"] for r in records if r["stage"] == "peer" and r["model"] == model)
         mine = [r for r in records if (r["run"], r["model"]) == (run, model)]
@@ -86,12 +109,21 @@ def peer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             project = next(r for r in mine if (r["recipe"], r["memory_budget_gib"]) == ("budget", budget))
             ways = [r for r in mine if r["stage"] == "peer" and r["memory_budget_gib"] == budget]
             peer = max(ways, key=lambda r: r["steady_reviews_per_s"])
-            gib, speed = plain["peak_vram_gib"], plain["steady_reviews_per_s"]
-            fits = budget is None or gib <= budget
-            ratios = [f"{project['steady_reviews_per_s'] / s:.2f}x" for s in (peer["steady_reviews_per_s"], speed)]
-            plain_figure = f"{speed:.1f} ({gib:.1f} GiB)" if fits else f"needs {gib} GiB"
-            figures = [budget or "whole GPU", run, figure(project), figure(peer), plain_figure]
-            rows.append(dict(zip(PEER_COLUMNS, [model, *figures, ratios[0], ratios[1] if fits else "—"], strict=True)))
+            budgets.append(PeerBudget(model, run, budget, project, peer, plain))
+    return budgets
+
+
+def peer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Budget by budget (peer_budgets): the project's fine-tune, the peer's fastest way within the budget, the plain
+    stack (its one configuration, where it fits)."""
+    rows = []
+    for b in peer_budgets(records):
+        gib, speed = b.plain["peak_vram_gib"], b.plain["steady_reviews_per_s"]
+        fits = b.budget_gib is None or gib <= b.budget_gib
+        plain_figure = f"{speed:.1f} ({gib:.1f} GiB)" if fits else f"needs {gib} GiB"
+        to_plain = f"{b.project['steady_reviews_per_s'] / speed:.2f}x" if fits else "—"
+        figures = [b.budget_gib or "whole GPU", b.run, figure(b.project), figure(b.peer), plain_figure]
+        rows.append(dict(zip(PEER_COLUMNS, [b.model, *figures, f"{b.ratio:.2f}x", to_plain], strict=True)))
     return rows
 
 

@@ -390,6 +390,9 @@ def test_the_peer_budget_by_budget(tmp_path: Path) -> None:
     ]
     no_ckpt = "32.0 (7.0 / 7.9 GiB, 98% busy, mb 16, no ckpt)"
     assert rows["whole GPU"][4:] == [no_ckpt, "10.0 (15.9 GiB)", "1.25x", "4.00x"]
+    # 1.25x at both budgets, but over the 8 GiB budget on the card: the target against the peer is not met.
+    target = target_rows(readme, "against Unsloth")["llama"]
+    assert target[3] == "1.25x at its lowest (8 GiB); over budget on the card at: 8" and target[-1] == "no"
 
 
 def test_every_variant_of_the_runner_is_params_the_stages_accept(raw_params: dict[str, Any]) -> None:
