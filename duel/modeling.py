@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from duel import attention
 from duel.checkpointing import (
+    all_checkpointed_room,
     checkpointed_layer_count,
     decoder_layers,
     gpu_memory_gib,
@@ -19,6 +20,7 @@ from duel.checkpointing import (
     planned_budget,
     set_checkpointed_layers,
 )
+from duel.embeddings import offload_input_embeddings
 from duel.errors import ParamsError
 from duel.io import read_json
 from duel.params import ExecutionParams, ModelParams, Params, QuantizationParams
@@ -258,12 +260,44 @@ def dequantized_layer_count(
     quantized = four_bit_modules(layers[0])
     layer_bytes = sum(m.in_features * m.out_features * m.weight.quant_state.dtype.itemsize for m in quantized)
     layer_bytes -= sum(m.weight.data.nbytes for m in quantized)  # the packed 4-bit values it replaces
+    fixed, plan = fixed_training_bytes(base, model, params), planned_budget(base, params, max_tokens)
+    return layers_to_dequantize(fixed_bytes=fixed, layer_bytes=max(layer_bytes, 1), **plan)
+
+
+def fixed_training_bytes(base: PreTrainedModel, model: ModelParams, params: Params) -> float:
+    """GPU memory a fine-tune of the loaded base holds whatever its batches: what is allocated now, and the LoRA to
+    come on models.<key>.lora_targets (fp32 weights, their gradients and AdamW's two moments, 16 bytes each)."""
     targets = set(model.lora_targets)
     adapted = [m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in targets]
     lora = params.lora.r * sum(m.in_features + m.out_features for m in adapted)
-    fixed = torch.cuda.memory_allocated() + 16 * lora  # fp32 LoRA weights, their gradients and AdamW's two moments
+    return torch.cuda.memory_allocated() + 16 * lora
+
+
+def embeddings_offloaded(
+    base: PreTrainedModel, model: ModelParams, params: Params, max_tokens: int | None = None
+) -> bool:
+    """execution.offload_embeddings resolved: true or false as set; auto on a CUDA GPU (without cuda_graphs) when
+    training the loaded base with every layer checkpointed would not fit execution.memory_budget_gib (the GPU's
+    memory when unset) with the input embedding table on the GPU (all_checkpointed_room below zero)."""
+    wanted = params.execution.offload_embeddings
+    if wanted != "auto":
+        return bool(wanted)
+    if gpu_memory_gib() is None or params.execution.cuda_graphs:
+        return False
     plan = planned_budget(base, params, max_tokens)
-    return layers_to_dequantize(fixed_bytes=fixed, layer_bytes=max(layer_bytes, 1), **plan)
+    return all_checkpointed_room(fixed_bytes=fixed_training_bytes(base, model, params), **plan) < 0
+
+
+def host_embeddings(
+    base: PreTrainedModel, model: ModelParams, params: Params, max_tokens: int | None = None
+) -> torch.Tensor | None:
+    """execution.offload_embeddings: the loaded base's input embedding table moved to host memory (in the dtype the
+    model would compute it in: fp32 under upcast_fp32, as prepare_model_for_kbit_training casts it), for the
+    collator; None when it stays on the GPU (embeddings_offloaded)."""
+    if not embeddings_offloaded(base, model, params, max_tokens):
+        return None
+    upcast = params.quantization.enabled and params.execution.upcast_fp32
+    return offload_input_embeddings(base, torch.float32 if upcast else None)
 
 
 def base_for_training(

@@ -199,6 +199,12 @@ class ExecutionParams:
     """Checkpointed layers keep their input in host memory until the backward pass (pinned; copied back to recompute
     the layer): the checkpoints' memory, 2 bytes x hidden per token and layer, leaves the GPU for a copy each way.
     auto: when even checkpointing every layer would not fit memory_budget_gib (checkpointed_layer_count)."""
+    offload_embeddings: bool | Literal["auto"]
+    """The frozen input embedding table (0.78 GiB for DeepSeek's 102,400 words, 0.24 for Llama-2's 32,000) stays in
+    host memory: the collator looks each micro-batch's tokens up there and the model takes inputs_embeds, the same
+    values copied over (hidden x 2 bytes a token, 49 MB for 6,000 tokens). auto: on a GPU when even checkpointing
+    every layer would not fit memory_budget_gib with the table on the GPU (before offload_checkpoints, which copies
+    a layer's input each way for every layer). Not with cuda_graphs (their captured inputs are token ids)."""
     dequantize_base: bool | Literal["auto"]
     """Train against the frozen 4-bit base dequantized once, at the start, into compute_dtype: the same NF4 values
     in the same matrix products, without a dequantize kernel in every projection's forward and backward pass (fewer
@@ -242,6 +248,11 @@ class ExecutionParams:
             raise ParamsError(
                 "execution.cuda_graphs: needs execution.padding: flattened (one row of few lengths per micro-batch) "
                 "and execution.compile: false; set those, or cuda_graphs: false"
+            )
+        if self.offload_embeddings is True and self.cuda_graphs:
+            raise ParamsError(
+                "execution.offload_embeddings: true cannot be captured by execution.cuda_graphs (they replay token "
+                "ids); set offload_embeddings: auto or false, or cuda_graphs: false"
             )
         if self.fuse_projections and self.compile:
             raise ParamsError(

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from duel.checkpointing import (
     offloaded_layers,
     switch_on_checkpointing,
 )
+from duel.embeddings import HostEmbedding, look_up
 from duel.errors import TrainingError
 from duel.fused import fused_groups
 from duel.graphs import GraphedTrainer
@@ -123,22 +124,34 @@ class AnswerCollator:
     computed. "longest" and "max_length" left-pad one review per row to the longest in the batch or to `row_tokens`.
     "flattened" puts all reviews in one row; with `graph_tokens` (execution.cuda_graphs) that row is padded up to the
     next multiple of it, and the longest-sequence bound is `row_tokens` (data.max_length) in every batch.
+    With `embeddings` (the input embedding table in host memory, execution.offload_embeddings) the batch holds the
+    tokens' rows of it as inputs_embeds instead of input_ids.
     """
 
     pad_id: int
     padding: str
     row_tokens: int
     graph_tokens: int = 0
+    embeddings: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_params(cls, pad_id: int, params: Params) -> AnswerCollator:
-        """execution.padding with its row length: pack_tokens when packed, else data.max_length."""
+    def from_params(cls, pad_id: int, params: Params, embeddings: torch.Tensor | None = None) -> AnswerCollator:
+        """execution.padding with its row length: pack_tokens when packed, else data.max_length; `embeddings`: the
+        host-memory table, when offloaded (duel.modeling.host_embeddings)."""
         execution = params.execution
         packed = execution.padding == "packed"
         graph_tokens = execution.graph_tokens if execution.cuda_graphs else 0
-        return cls(pad_id, execution.padding, execution.pack_tokens if packed else params.data.max_length, graph_tokens)
+        row_tokens = execution.pack_tokens if packed else params.data.max_length
+        return cls(pad_id, execution.padding, row_tokens, graph_tokens, embeddings)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(features)
+        if self.embeddings is not None:
+            batch["inputs_embeds"] = look_up(self.embeddings, batch.pop("input_ids"))
+        return batch
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch with token ids (input_ids)."""
         sequences = [f["input_ids"] + [f["answer_id"]] for f in features]
         if self.padding == "flattened":
             return self.flattened(sequences)
@@ -746,6 +759,7 @@ def run_description(key: str, model: Any, params: Params, attention: str, kernel
         "cuda_graphs": params.execution.cuda_graphs,
         "gradient_checkpointing": f"{checkpointed_layers(model)} of {len(decoder_layers(model))} layers",
         "offloaded_checkpoints": offloaded_layers(model),
+        "offloaded_embeddings": isinstance(model.get_input_embeddings(), HostEmbedding),
         "memory": memory_kind(),
         "processes": world_size(),
         "allocator": os.environ.get(ALLOCATOR_ENV) or "default",  # execution.expandable_segments, or the user's own

@@ -39,6 +39,7 @@ from duel.modeling import (
     check_lora_targets,
     compile_layers,
     dequantized_layers,
+    host_embeddings,
     kernels_implementation,
     load_base_model,
 )
@@ -82,6 +83,7 @@ def main() -> None:
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model_params = params.model(key)
     loaded = load_base_model(base, model_params, params, attention, kernels)
+    embeddings = host_embeddings(loaded, model_params, params, largest)  # the table in host memory, or None
     loaded = base_for_training(loaded, model_params, params, largest)
     check_lora_targets(loaded, key, model_params.lora_targets)
     model = add_lora(loaded, model_params, params, largest)
@@ -94,7 +96,8 @@ def main() -> None:
         f"finetune {key}: gradient checkpointing in {layers} layers (execution.gradient_checkpointing "
         f"{execution.gradient_checkpointing}, memory budget {budget}, largest micro-batch {largest} tokens), "
         f"base weights {base_weights(model)} ({dequantized_layers(model, params.quantization.enabled)} layers "
-        f"dequantized), fused projection groups {fused}, allocator {allocator or 'default'}"
+        f"dequantized), input embeddings in {'host' if embeddings is not None else 'GPU'} memory, fused projection "
+        f"groups {fused}, allocator {allocator or 'default'}"
     )
 
     fingerprint = training_fingerprint(params, key, [tokens / "train.parquet", base / "model.json"])
@@ -105,7 +108,7 @@ def main() -> None:
     if main_process:
         plots = str(Path("plots") / key)
         live = QuietLive(plots, dvcyaml=False, save_dvc_exp=False, report=None, resume=last is not None)
-    collator = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params)
+    collator = AnswerCollator.from_params(load_tokenizer(base).pad_token_id, params, embeddings)
     done = fine_tune(model, dataset, lengths, order, params, collator, live, checkpoints, last)
     if not main_process:
         parallel.end_distributed()  # waits for rank 0 to write the outputs

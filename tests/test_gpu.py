@@ -327,6 +327,35 @@ def test_dequantized_base_computes_the_4bit_loss_and_gradients(params: Params, b
     assert_same_loss_and_grads(results[False], results[True])
 
 
+@pytest.mark.parametrize("offload_checkpoints", [False, True])
+def test_embeddings_in_host_memory_compute_the_same_loss_and_gradients(
+    params: Params, base_dir: Path, offload_checkpoints: bool
+):
+    """execution.offload_embeddings on the 4-bit base: the collator's inputs_embeds from the table in host memory
+    give the loss and LoRA gradients of the embedding on the GPU (with every layer checkpointed, offloaded or not),
+    and the GPU holds the table's bytes less."""
+    from duel.checkpointing import set_checkpointed_layers
+    from duel.embeddings import offload_input_embeddings
+
+    setup = setup_for(params, RECIPES["packed"])
+    inputs, labels = packed_batch()
+    results, held = {}, {}
+    for offload in (False, True):
+        base = load_base_model(base_dir, setup.model, setup.params, ATTENTION)
+        table = offload_input_embeddings(base) if offload else None
+        torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
+        model = add_lora(base, setup.model, setup.params)
+        set_checkpointed_layers(model, LAYERS, offload=offload_checkpoints)
+        held[offload] = gpu_bytes_now()
+        batch = dict(inputs)
+        if table is not None:
+            batch["inputs_embeds"] = table[batch.pop("input_ids").cpu()].cuda()
+        results[offload] = loss_and_lora_grads(model, batch, labels)
+        del model, base
+    assert held[False] - held[True] == VOCAB * HIDDEN * 2  # the bf16 table
+    assert_same_loss_and_grads(results[False], results[True])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel (requirements-gpu)")
 def test_liger_kernels_compute_the_same_loss_and_gradients(
     params: Params, base_dir: Path, monkeypatch: pytest.MonkeyPatch

@@ -269,6 +269,75 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
         assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
 
 
+@pytest.mark.parametrize("offload_checkpoints", [False, True])
+def test_embeddings_in_host_memory_give_the_same_loss_and_gradients(offload_checkpoints: bool) -> None:
+    """execution.offload_embeddings: the input embedding table in host memory and the collator's inputs_embeds give
+    the loss and LoRA gradients of the embedding on the model, dropout masks included; with offloaded (reentrant)
+    checkpoints too, which pass gradients only to inputs that want them. The model holds the table no more."""
+    from conftest import tiny_llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from duel.embeddings import HostEmbedding, offload_input_embeddings
+    from duel.training import AnswerCollator, answer_loss
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config())
+    features = [{"input_ids": torch.randint(1, 300, (n,)).tolist(), "answer_id": 7} for n in (9, 14, 5)]
+    results = []
+    for offload in (False, True):
+        loaded = copy.deepcopy(base)
+        table = offload_input_embeddings(loaded) if offload else None
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+        model = get_peft_model(loaded, config)
+        for name, param in model.named_parameters():  # B away from zero, so the adapters shape the gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        model.train()
+        checkpointing.set_checkpointed_layers(model, 2, offload=offload_checkpoints)
+        batch = AnswerCollator(0, "flattened", 128, embeddings=table)(features)
+        assert ("inputs_embeds" in batch, "input_ids" in batch) == (offload, not offload)
+        assert isinstance(model.get_input_embeddings(), HostEmbedding) == offload
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters()) - offload * (
+            300 * 32
+        ) + sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        torch.manual_seed(2)
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch), labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (offloaded_loss, offloaded_grads) = results
+    assert torch.allclose(loss, offloaded_loss, atol=1e-6)
+    assert grads.keys() == offloaded_grads.keys() and len(grads) == 12
+    for name in grads:
+        assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_embeddings_offloaded_when_all_checkpointed_would_not_fit(monkeypatch: pytest.MonkeyPatch, params: Any) -> None:
+    """execution.offload_embeddings resolved: true and false as set; auto never on a CPU nor beside CUDA graphs, and
+    on a GPU only when training with every layer checkpointed would not fit the budget."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    loaded = LlamaForCausalLM(tiny_llama_config())
+
+    def wanted(value: Any, budget: float | None = None, graphs: bool = False) -> bool:
+        execution = dataclasses.replace(params.execution, offload_embeddings=value, memory_budget_gib=budget)
+        execution = dataclasses.replace(execution, cuda_graphs=graphs)
+        resolved = dataclasses.replace(params, execution=execution)
+        return modeling.embeddings_offloaded(loaded, resolved.model("llama"), resolved, 512)
+
+    assert (wanted(True), wanted(False), wanted("auto"), wanted("auto", budget=1e-6)) == (True, False, False, False)
+    monkeypatch.setattr(modeling, "gpu_memory_gib", lambda: 80.0)
+    monkeypatch.setattr(checkpointing, "torch_room_bytes", lambda budget: (budget or 80.0) * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    assert not wanted("auto") and wanted("auto", budget=1e-6)  # room enough; no room at all
+    assert not wanted("auto", budget=1e-6, graphs=True)  # a captured graph replays token ids
+    with pytest.raises(modeling.ParamsError, match=r"^execution\.offload_embeddings: true cannot be captured"):
+        dataclasses.replace(params.execution, offload_embeddings=True, cuda_graphs=True)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_dequantized_base_trains_like_the_4bit_base(params: Any, tmp_path: Any, precision: str) -> None:
     """execution.dequantize_base: LoRA on the base dequantized once, in one of its two decoder layers or in both,

@@ -746,3 +746,19 @@ def test_budget_keeper_caps_the_allocator_again_after_the_first_step(monkeypatch
         for _ in range(3):
             keeper.on_step_end(args, state, control)
     assert caps == [16.0]
+
+
+@pytest.mark.parametrize("padding", ["flattened", "packed", "longest"])
+def test_collator_looks_tokens_up_in_a_host_table(padding: str) -> None:
+    """execution.offload_embeddings: with the table the collator hands the model each token's row of it in place of
+    the token ids; the rest of the batch is the same."""
+    table = torch.randn(300, 8)
+    features = [{"input_ids": list(range(5 + i, 12 + 2 * i)), "answer_id": ANSWERS[i % 2]} for i in range(4)]
+    plain = AnswerCollator(PAD, padding, 512)(features)
+    hosted = AnswerCollator(PAD, padding, 512, embeddings=table)(features)
+    assert "input_ids" not in hosted and hosted["inputs_embeds"].shape == (*plain["input_ids"].shape, 8)
+    assert torch.equal(hosted["inputs_embeds"], table[plain["input_ids"]])
+    assert hosted.keys() - {"inputs_embeds"} == plain.keys() - {"input_ids"}
+    assert all(
+        torch.equal(hosted[k], plain[k]) for k in plain if isinstance(plain[k], torch.Tensor) and k != "input_ids"
+    )
