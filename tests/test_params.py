@@ -169,6 +169,7 @@ def test_paper_profile_changes_execution_only(raw_params):
         "execution.padding": "max_length",
         "execution.gradient_checkpointing": True,
         "execution.offload_checkpoints": False,
+        "execution.offload_embeddings": False,
         "execution.dequantize_base": False,
         "execution.kernels": "none",
         "execution.logging_steps": 10,
