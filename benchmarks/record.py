@@ -118,6 +118,7 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         legacy = round(data["tokens_per_s"] * flops_per_token / PEAK_FLOPS, 4)  # calls before the stage had its own
         fields["mfu"] = data["mfu"] if data.get("mfu") is not None else legacy
         notes = [f"{data['offloaded_checkpoints']} layers offloaded" if data.get("offloaded_checkpoints") else ""]
+        notes.append("input embeddings in host memory" if data.get("offloaded_embeddings") else "")
         dequantized = data.get("base_weights") == "unquantized" and data["quantization"] not in (None, "none")
         notes.append("base dequantized" if dequantized else "")
         partly = data.get("base_weights") == "partly dequantized"

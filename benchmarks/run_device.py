@@ -314,6 +314,8 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "budget8-4bit": {"execution": {"memory_budget_gib": 8, "dequantize_base": False}},
     # every layer checkpointed and offloaded on the 4-bit base: what 8 GiB planned for before the allocator's share
     "budget8-offload": {"execution": {"memory_budget_gib": 8, "dequantize_base": False, "offload_checkpoints": True}},
+    "budget8-embeddings-on-gpu": {"execution": {"memory_budget_gib": 8, "offload_embeddings": False}},
+    "budget16-embeddings-on-host": {"execution": {"memory_budget_gib": 16, "offload_embeddings": True}},
     "budget8-expandable": {"execution": {"memory_budget_gib": 8}, "env": EXPANDABLE},
     "budget8-fused": {"execution": {"memory_budget_gib": 8, "fuse_projections": True}},
     "flex": {"execution": {"attention": "flex_attention"}},  # transformers' FlexAttention on the packed rows
