@@ -111,10 +111,15 @@ def nvml_handle() -> Any:
 
 def device_used_bytes() -> int:
     """Memory in use on torch's current CUDA device as NVML counts it, nvml_peak_gib's measure (nvidia-smi's): torch's
-    reserved memory, the CUDA context, loaded kernels, the driver's reserve and any other process's memory."""
+    reserved memory, the CUDA context, loaded kernels, the driver's reserve and any other process's memory. Where
+    NVML does not answer, CUDA's own count (total less free, without the driver's reserve)."""
     import pynvml
 
-    return int(pynvml.nvmlDeviceGetMemoryInfo(nvml_handle()).used)
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(nvml_handle()).used)
+    except pynvml.NVMLError:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
 
 
 def outside_torch_bytes() -> int:
