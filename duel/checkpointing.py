@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -69,17 +70,22 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_checkpointed_layers(model: Any, count: int, offload: bool = False) -> None:
-    """Gradient checkpointing (non-reentrant) on the first `count` decoder layers and off on the others; with
-    `offload`, those layers keep their input in host memory instead (offloaded_checkpoint)."""
+def set_checkpointed_layers(model: Any, count: int, offloaded: int = 0) -> None:
+    """Gradient checkpointing (non-reentrant) on the first `count` decoder layers and off on the others; the first
+    `offloaded` of them keep their input in host memory instead (offloaded_checkpoint), the others on the GPU."""
     if count and not model.is_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if offload:
+    if offloaded:
         model.enable_input_require_grads()  # a reentrant checkpoint passes gradients only to inputs that want them
     for i, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = i < count
-        if offload and i < count:
+        current = getattr(layer, "_gradient_checkpointing_func", None)
+        if current is not None and current is not offloaded_checkpoint:
+            layer._gpu_checkpoint_func = current  # transformers' own, to put back
+        if i < min(count, offloaded):
             layer._gradient_checkpointing_func = offloaded_checkpoint
+        elif current is offloaded_checkpoint:
+            layer._gradient_checkpointing_func = layer._gpu_checkpoint_func
 
 
 def offloaded_checkpoint(function: Any, *args: Any) -> Any:
@@ -109,11 +115,11 @@ def switch_on_checkpointing(model: Any, offload: bool = False) -> str | None:
     (when `offload` allows) their inputs in host memory; what it did, or None when there is nothing left to do."""
     layers = len(decoder_layers(model))
     if checkpointed_layers(model) < layers:
-        set_checkpointed_layers(model, layers, offload=offloaded_layers(model) > 0)
+        set_checkpointed_layers(model, layers, offloaded_layers(model))
         return "gradient checkpointing on"
     if offload and offloaded_layers(model) < layers:
-        set_checkpointed_layers(model, layers, offload=True)
-        return "checkpointed layers' inputs offloaded to host memory"
+        set_checkpointed_layers(model, layers, layers)
+        return "every checkpointed layer's input offloaded to host memory"
     return None
 
 
@@ -159,13 +165,15 @@ def layers_to_checkpoint(
     intermediate: int,
     max_tokens: int,
     share: float = BUDGET_SHARE,
-) -> tuple[int, bool]:
+) -> tuple[int, int]:
     """The fewest decoder layers to recompute so that training fits the budget: a layer not checkpointed keeps all
-    its activations instead of its input (all_checkpointed_room). True beside it when even all layers do not fit:
-    their inputs then wait in host memory (offloaded_checkpoint)."""
+    its activations instead of its input (all_checkpointed_room). Beside it, when even all layers do not fit, the
+    fewest of them whose inputs must wait in host memory (offloaded_checkpoint) for the rest to fit, each saving its
+    input's 2 bytes x hidden per token (all of them when that is not enough either)."""
     kept, saved = kept_layer_bytes(hidden, intermediate) * max_tokens, 2 * hidden * max_tokens
     room = all_checkpointed_room(budget_bytes, fixed_bytes, layers, hidden, intermediate, max_tokens, share)
-    return layers - min(layers, max(0, int(room // (kept - saved)))), room < 0
+    short = min(layers, math.ceil(-room / saved)) if room < 0 else 0
+    return layers - min(layers, max(0, int(room // (kept - saved)))), short
 
 
 def layers_to_dequantize(
@@ -188,24 +196,25 @@ def layers_to_dequantize(
     return min(layers, max(0, int(room // layer_bytes)))
 
 
-def checkpointed_layer_count(model: Any, params: Params, max_tokens: int | None) -> tuple[int, bool]:
+def checkpointed_layer_count(model: Any, params: Params, max_tokens: int | None) -> tuple[int, int]:
     """execution.gradient_checkpointing resolved to a number of decoder layers: true all, false none; auto all on a CPU
     and, on a GPU, the fewest that fit execution.memory_budget_gib (the GPU's memory when unset) for micro-batches of
     max_tokens tokens (micro_batch x max_length when not given; layers_to_checkpoint): none on the H200 without a
     budget. With varlen attention, checkpointing all but 4 layers ran 1.13-1.16x faster than all in the H200 sweep
     (with SDPA's masked attention it had run slower, 0.81-0.86x). An out-of-memory error later switches all on.
-    Beside it, execution.offload_checkpoints resolved: auto offloads when even all layers do not fit."""
+    Beside it, execution.offload_checkpoints resolved to the number of those layers whose inputs wait in host memory:
+    true all, false none, auto the fewest that let all-checkpointed training fit (layers_to_checkpoint)."""
     layers = len(decoder_layers(model))
     wanted, offload = params.execution.gradient_checkpointing, params.execution.offload_checkpoints
     total = gpu_memory_gib()
     if wanted != "auto":
-        return (layers, offload is True) if wanted else (0, False)
+        return (layers, layers if offload is True else 0) if wanted else (0, 0)
     if total is None:
-        return layers, offload is True
+        return layers, layers if offload is True else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fixed = torch.cuda.memory_allocated() + 12 * trainable  # fp32 gradient and AdamW's two moments per LoRA weight
     count, short = layers_to_checkpoint(fixed_bytes=fixed, **planned_budget(model, params, max_tokens))
-    return count, bool(count) and (offload is True or (offload == "auto" and short))
+    return count, count if offload is True else short if offload == "auto" else 0
 
 
 def planned_budget(model: Any, params: Params, max_tokens: int | None) -> dict[str, float]:

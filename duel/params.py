@@ -198,7 +198,8 @@ class ExecutionParams:
     offload_checkpoints: bool | Literal["auto"]
     """Checkpointed layers keep their input in host memory until the backward pass (pinned; copied back to recompute
     the layer): the checkpoints' memory, 2 bytes x hidden per token and layer, leaves the GPU for a copy each way.
-    auto: when even checkpointing every layer would not fit memory_budget_gib (checkpointed_layer_count)."""
+    auto: when even checkpointing every layer would not fit memory_budget_gib, in the fewest layers that let it fit
+    (checkpointed_layer_count); true: in every checkpointed layer."""
     offload_embeddings: bool | Literal["auto"]
     """The frozen input embedding table (0.78 GiB for DeepSeek's 102,400 words, 0.24 for Llama-2's 32,000) stays in
     host memory: the collator looks each micro-batch's tokens up there and the model takes inputs_embeds, the same

@@ -27,7 +27,13 @@ import pandas as pd
 from transformers import set_seed
 
 from duel import cli, parallel
-from duel.checkpointing import checkpointed_layers, configure_allocator, decoder_layers, limit_gpu_memory
+from duel.checkpointing import (
+    checkpointed_layers,
+    configure_allocator,
+    decoder_layers,
+    limit_gpu_memory,
+    offloaded_layers,
+)
 from duel.fused import fuse_projections
 from duel.hub import load_tokenizer, model_info, versions
 from duel.io import atomic_dir, read_json, write_json
@@ -89,7 +95,7 @@ def main() -> None:
     model = add_lora(loaded, model_params, params, largest)
     fused = fuse_projections(model) if execution.fuse_projections else 0
     compile_layers(model, execution.compile)
-    layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))}"
+    layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))} ({offloaded_layers(model)} offloaded)"
     budget = f"{execution.memory_budget_gib:g} GiB" if execution.memory_budget_gib else "none"
     budget += f", torch's allocator capped at {cap:.2f} GiB" if cap else ""
     print(

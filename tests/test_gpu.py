@@ -345,7 +345,7 @@ def test_embeddings_in_host_memory_compute_the_same_loss_and_gradients(
         table = offload_input_embeddings(base) if offload else None
         torch.manual_seed(0)  # the same LoRA initialisation (and dropout masks) for both
         model = add_lora(base, setup.model, setup.params)
-        set_checkpointed_layers(model, LAYERS, offload=offload_checkpoints)
+        set_checkpointed_layers(model, LAYERS, LAYERS if offload_checkpoints else 0)
         held[offload] = gpu_bytes_now()
         batch = dict(inputs)
         if table is not None:

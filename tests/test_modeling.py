@@ -160,12 +160,20 @@ def test_layers_to_checkpoint_fits_the_budget() -> None:
         b: checkpointing.layers_to_checkpoint(b * GIB, fixed, **LLAMA, max_tokens=6000) for b in (8, 16, 24, 48, 141)
     }
     count = {b: layers for b, (layers, _) in plans.items()}
-    assert plans[8] == (32, True)  # not even all checkpointed fits: all are, their inputs offloaded to the host
-    assert not any(offload for b, (_, offload) in plans.items() if b > 8)
+    # Not even all checkpointed fits at 8 GiB (6,000 tokens): all are, and the fewest layers' inputs go to the host
+    # for the rest to fit; offloading one layer fewer would not.
+    layers, offloaded = plans[8]
+    room = checkpointing.all_checkpointed_room(
+        8 * GIB, fixed, **LLAMA, max_tokens=6000, share=checkpointing.BUDGET_SHARE
+    )
+    saved = 2 * 4096 * 6000
+    assert layers == 32 and 0 < offloaded < 32 and room + offloaded * saved >= 0 > room + (offloaded - 1) * saved
+    assert checkpointing.layers_to_checkpoint(4 * GIB, fixed, **LLAMA, max_tokens=6000) == (32, 32)  # all, too few
+    assert not any(offloaded for b, (_, offloaded) in plans.items() if b > 8)
     assert 32 > count[16] > count[24] > count[48] > 0  # more memory, fewer layers recomputed
     assert count[141] == 0  # the H200 without a budget: nothing recomputed
     # The plan never exceeds its share of the budget: every checkpointed layer keeps its input, the others all.
-    kept, saved = checkpointing.kept_layer_bytes(4096, 11008) * 6000, 2 * 4096 * 6000
+    kept = checkpointing.kept_layer_bytes(4096, 11008) * 6000
     planned = fixed + count[16] * saved + (32 - count[16]) * kept + kept
     assert planned <= checkpointing.BUDGET_SHARE * 16 * GIB
     assert planned + (kept - saved) > checkpointing.BUDGET_SHARE * 16 * GIB  # one layer fewer would not fit
@@ -191,14 +199,14 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     def resolved(value: Any, budget: float | None = None, tokens: int | None = 512) -> int:
         return plan(value, budget, tokens)[0]
 
-    assert plan(True) == (2, False) and plan(False) == (0, False) and plan(True, offload=True) == (2, True)
-    assert plan("auto") == (2, False)  # a CPU: all, in memory the host has anyway
+    assert plan(True) == (2, 0) and plan(False) == (0, 0) and plan(True, offload=True) == (2, 2)
+    assert plan("auto") == (2, 0)  # a CPU: all, in memory the host has anyway
     monkeypatch.setattr(checkpointing, "gpu_memory_gib", lambda: 141.0)
     monkeypatch.setattr(checkpointing, "torch_room_bytes", lambda budget: (budget or 141.0) * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
-    assert plan("auto") == (0, False)  # tiny model, big GPU: none
-    assert plan("auto", budget=1e-6) == (2, True)  # no room at all: every layer, offloaded
-    assert plan("auto", budget=1e-6, offload=False) == (2, False)
+    assert plan("auto") == (0, 0)  # tiny model, big GPU: none
+    assert plan("auto", budget=1e-6) == (2, 2)  # no room at all: every layer, offloaded
+    assert plan("auto", budget=1e-6, offload=False) == (2, 0)
     # Between no room and room enough, auto checkpoints some of the layers: fewer the larger the budget.
     counts = [resolved("auto", budget=float(b)) for b in np.geomspace(1e-5, 1.0, 200)]
     assert counts == sorted(counts, reverse=True) and set(counts) == {2, 1, 0}
@@ -214,6 +222,9 @@ def test_checkpointed_layer_count(monkeypatch: pytest.MonkeyPatch, params: Any) 
     assert checkpointing.switch_on_checkpointing(model) == "gradient checkpointing on"  # some layers off: all on now
     assert [layer.gradient_checkpointing for layer in checkpointing.decoder_layers(model)] == [True, True]
     assert checkpointing.switch_on_checkpointing(model) is None  # offloading not allowed: nothing left
+    checkpointing.set_checkpointed_layers(model, 1, 1)  # one layer, offloaded: the back-off keeps it offloaded
+    assert checkpointing.switch_on_checkpointing(model) == "gradient checkpointing on"
+    assert checkpointing.offloaded_layers(model) == 1 and checkpointing.checkpointed_layers(model) == 2
     assert "offloaded" in checkpointing.switch_on_checkpointing(model, offload=True)
     assert (
         checkpointing.offloaded_layers(model) == 2
@@ -247,7 +258,7 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
     base = LlamaForCausalLM(tiny_llama_config())
     batch = {"input_ids": torch.randint(1, 300, (2, 24)), "labels": torch.randint(1, 300, (2, 24))}
     results = []
-    for offload in (False, True):
+    for offloaded in (0, 1, 2):  # none, the first layer only (a budget's plan), both
         torch.manual_seed(1)
         config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"])
         model = get_peft_model(copy.deepcopy(base), config)
@@ -255,18 +266,22 @@ def test_offloaded_checkpoints_give_the_same_loss_and_gradients() -> None:
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
         model.train()
-        checkpointing.set_checkpointed_layers(model, 2, offload=offload)
-        assert checkpointing.offloaded_layers(model) == (2 if offload else 0)
+        checkpointing.set_checkpointed_layers(model, 2, offloaded)
+        assert checkpointing.offloaded_layers(model) == offloaded
         torch.manual_seed(2)
         loss = model(**batch).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
-    (loss, grads), (offloaded_loss, offloaded_grads) = results
-    assert torch.allclose(loss, offloaded_loss, atol=1e-6)
-    assert grads.keys() == offloaded_grads.keys() and len(grads) == 12
-    for name in grads:
-        assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
+    (loss, grads), *offloaded_results = results
+    for offloaded_loss, offloaded_grads in offloaded_results:
+        assert torch.allclose(loss, offloaded_loss, atol=1e-6)
+        assert grads.keys() == offloaded_grads.keys() and len(grads) == 12
+        for name in grads:
+            assert torch.allclose(grads[name], offloaded_grads[name], atol=1e-6, rtol=1e-5), name
+    # Set back to none offloaded, the layers checkpoint on the GPU again.
+    checkpointing.set_checkpointed_layers(model, 2, 0)
+    assert checkpointing.offloaded_layers(model) == 0 and checkpointing.checkpointed_layers(model) == 2
 
 
 @pytest.mark.parametrize("offload_checkpoints", [False, True])
@@ -295,7 +310,7 @@ def test_embeddings_in_host_memory_give_the_same_loss_and_gradients(offload_chec
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
         model.train()
-        checkpointing.set_checkpointed_layers(model, 2, offload=offload_checkpoints)
+        checkpointing.set_checkpointed_layers(model, 2, 2 if offload_checkpoints else 0)
         batch = AnswerCollator(0, "flattened", 128, embeddings=table)(features)
         assert ("inputs_embeds" in batch, "input_ids" in batch) == (offload, not offload)
         assert isinstance(model.get_input_embeddings(), HostEmbedding) == offload
@@ -437,7 +452,7 @@ def test_layers_to_dequantize_fill_the_budget_before_unchecked_layers() -> None:
         )
         after = fixed + count * layer_bytes
         plan = checkpointing.layers_to_checkpoint(budget * GIB, after, **LLAMA, max_tokens=6000, share=share)
-        assert plan == (32, False)
+        assert plan == (32, 0)
         more = fixed + (count + 1) * layer_bytes  # one layer more would not fit all-checkpointed training
         assert checkpointing.all_checkpointed_room(budget * GIB, more, **LLAMA, max_tokens=6000, share=share) < 0
     # The allocator decides the share: expandable segments leave less slack.
