@@ -41,6 +41,8 @@ FINETUNE_TIMING = [
     "peak_vram_reserved_gib",
     "peak_memory_gib",
     "energy_j_per_step",
+    "outside_torch_gib",
+    "alloc_retries",
 ]
 # metrics/evaluate.json and metrics/zero_shot_llama.json.
 EVALUATE_COMPARED = ["accuracy", "f1", "precision", "recall", "roc_auc", "predicted_positive_share", "reviews"]
