@@ -293,8 +293,9 @@ def claims_section(
         "### Against Unsloth, budget by budget",
         "",
         "Measured on a GPU with random weights, not by this run (`benchmarks/run_device.py --peer`; the run names the "
-        "GPU): this project's fine-tune and Unsloth's on the same reviews, steady reviews/s after 2 steps "
-        "(`benchmarks/README.md`).",
+        "GPU): this project's fine-tune and Unsloth's on the same reviews, steady reviews/s after 2 steps, then "
+        "torch's peak reserved / NVML's peak GiB (the card's memory, the CUDA context included: \"over budget\" "
+        "where a card of the budget's size would not have held the run) (`benchmarks/README.md`).",
         "",
         pd.DataFrame(peers).to_markdown(index=False) if peers else "No peer measurement in benchmarks/records.jsonl.",
         "",
