@@ -291,7 +291,7 @@ def peer_target(model: str, budgets: list[PeerBudget]) -> dict[str, Any]:
 FINETUNE_COLUMNS = [
     *("model", "recipe", "run", "attention", "kernels", "gradient_checkpointing", "checkpointed_layers"),
     *("padding_share", "steps", "reviews_per_s", "steady_reviews_per_s", "baseline_reviews_per_s"),
-    *("ratio_vs_baseline", "gpu_util_pct", "steady_gpu_util_pct", "peak_vram_gib", "note"),
+    *("ratio_vs_baseline", "gpu_util_pct", "steady_gpu_util_pct", "peak_vram_gib", "nvml_peak_gib", "note"),
 ]
 
 
