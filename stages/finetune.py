@@ -131,8 +131,18 @@ def main() -> None:
     print(
         f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {done.seconds:.1f} s, "
         f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}, "
-        f"kernels {kernels}{compiled(how['compile_cache'])}"
+        f"kernels {kernels}{compiled(how['compile_cache'])}{on_the_card(metrics, execution.memory_budget_gib)}"
     )
+
+
+def on_the_card(metrics: dict, budget_gib: float | None) -> str:
+    """The closing line's words on the GPU memory the run held, NVML's peak (the CUDA context included), against the
+    memory budget: whether a card of the budget's size would have held it."""
+    card = metrics.get("nvml_peak_gib")
+    if card is None:
+        return ""
+    verdict = f", {'within' if card <= budget_gib else 'over'} the {budget_gib:g} GiB budget" if budget_gib else ""
+    return f"; {card:.2f} GiB on the GPU at its peak{verdict}"
 
 
 def compiled(cache: dict | None) -> str:

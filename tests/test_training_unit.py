@@ -762,3 +762,12 @@ def test_collator_looks_tokens_up_in_a_host_table(padding: str) -> None:
     assert all(
         torch.equal(hosted[k], plain[k]) for k in plain if isinstance(plain[k], torch.Tensor) and k != "input_ids"
     )
+
+
+def test_the_closing_line_says_whether_a_card_of_the_budget_held_the_run() -> None:
+    from stages.finetune import on_the_card
+
+    assert on_the_card({"nvml_peak_gib": None}, 8.0) == ""  # a CPU: no GPU memory to speak of
+    assert on_the_card({"nvml_peak_gib": 8.57}, 8.0) == "; 8.57 GiB on the GPU at its peak, over the 8 GiB budget"
+    assert on_the_card({"nvml_peak_gib": 7.5}, 8.0).endswith("within the 8 GiB budget")
+    assert on_the_card({"nvml_peak_gib": 60.1}, None) == "; 60.10 GiB on the GPU at its peak"
