@@ -58,6 +58,8 @@ def finetune(model: str, reviews_per_s: float, steps: int, budget_gib: float | N
         "peak_vram_allocated_gib": 12.0,
         "peak_vram_reserved_gib": 14.5 if budget_gib else 60.0,
         "energy_j_per_step": 1000.0,
+        "outside_torch_gib": 1.3,
+        "alloc_retries": 2 if budget_gib else 0,
         "attention": "varlen",
         "kernels": "liger",
         "compiled": False,
@@ -184,6 +186,8 @@ def test_records_and_readme(tmp_path: Path) -> None:
     by_key = {(r["model"], r["stage"], r["recipe"]): r for r in records}
     default = by_key["llama", "finetune", "default"]
     assert default["reviews_per_s"] == 52.0 and default["gpu_util_pct"] == 92.5 and default["steps"] == 200
+    budget = by_key["llama", "finetune", "budget"]
+    assert (budget["outside_torch_gib"], budget["alloc_retries"], default["alloc_retries"]) == (1.3, 2, 0)
     assert default["mfu"] == round(52.0 * 300 * 4 * TOTAL_PARAMETERS / 790e12, 4)  # no checkpointing: 4N a token
     assert by_key["llama", "finetune", "budget"]["checkpointed_layers"] == 28
     assert by_key["llama", "finetune", "budget"]["note"] == "compiled in 71.5 s: 0 graphs compiled, 2 from the cache"
