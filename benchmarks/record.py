@@ -17,7 +17,15 @@ from typing import Any
 
 import pandas as pd
 
-from duel.claims import PEER_COLUMNS, PeerBudget, newest_ablation, peer_budgets, peer_rows, table3_markdown
+from duel.claims import (
+    PEER_COLUMNS,
+    PeerBudget,
+    newest_ablation,
+    peer_budgets,
+    peer_rows,
+    table3_markdown,
+    within_budget,
+)
 
 BENCH = Path(__file__).resolve().parent
 RUN_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-([a-z0-9]+)-call(\d+)")
@@ -247,14 +255,14 @@ def meets(r: Record) -> bool:
         return r.reviews_per_s >= TARGET_EVAL_REVIEWS_PER_S
     fast = r.ratio_vs_baseline >= TARGET_RATIO["default" if r.recipe in DEFAULT_RECIPES else r.recipe]
     if r.recipe == "budget":  # and it fits a card of the budget's size: NVML's peak, the CUDA context included
-        return fast and r.oom_retries == 0 and r.nvml_peak_gib is not None and r.nvml_peak_gib <= r.memory_budget_gib
+        return fast and r.oom_retries == 0 and within_budget(r.nvml_peak_gib, r.memory_budget_gib) is True
     return fast and r.gpu_util_pct >= TARGET_UTIL_PCT
 
 
 def targets(records: list[Record]) -> str:
     """Each target per model against the newest call that measured it; the duel: the newest with every model."""
     models = sorted({r.model for r in records if r.stage != "pair"})
-    rows, dicts = [], [dataclasses.asdict(r) for r in records]
+    rows, peer = [], peer_budgets([dataclasses.asdict(r) for r in records])
     for model in models:
         tuned = [r for r in records if r.model == model and r.stage == "finetune" and r.ratio_vs_baseline]
         scored = [r for r in records if r.model == model and r.stage == "evaluate" and r.recipe == "default"]
@@ -263,7 +271,7 @@ def targets(records: list[Record]) -> str:
         evaluate = [r for r in scored if r.test_reviews >= JUDGED_EVAL_REVIEWS]
         picks = zip(TARGETS, (default, budget, evaluate), strict=True)
         rows += [target_row(t, model, r := newest(c), r is not None and meets(r)) for t, c in picks]
-        rows.append(peer_target(model, [b for b in peer_budgets(dicts) if b.model == model]))
+        rows.append(peer_target(model, [b for b in peer if b.model == model]))
     duels = [r for r in records if r.stage == "duel" and (r.steps, r.test_reviews) == (PAPER_STEPS, PAPER_TEST_REVIEWS)]
     last = newest([r for r in duels if {d.model for d in duels if d.run == r.run} == set(models)])
     chain = [r for r in duels if last and r.run == last.run]

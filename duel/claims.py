@@ -62,6 +62,14 @@ PEER_COLUMNS = ["model", "budget_gib", "run", "project", "unsloth", "plain stack
 PEER_COLUMNS.append("project / plain")
 
 
+def within_budget(card_gib: float | None, budget_gib: float | None) -> bool | None:
+    """Whether NVML's peak (the card's memory in use, the CUDA context included) stayed within the memory budget, so
+    that a card of the budget's size would have held the run: True without a budget, None where NVML was not read."""
+    if not budget_gib:
+        return True
+    return None if card_gib is None else card_gib <= budget_gib
+
+
 def figure(r: dict[str, Any]) -> str:
     """Steady reviews/s with the memory (torch's reserved peak, then NVML's: the card's, the CUDA context included,
     marked where it went over the budget), utilization and way of a fine-tune or peer record."""
@@ -70,7 +78,7 @@ def figure(r: dict[str, Any]) -> str:
         way = f", mb {r['micro_batch']}" + ("" if r["gradient_checkpointing"] else ", no ckpt")
     card, budget = r.get("nvml_peak_gib"), r.get("memory_budget_gib")
     memory = f"{r['peak_vram_gib']:.1f}" + (f" / {card:.1f}" if card is not None else "") + " GiB"
-    memory += " over budget" if card is not None and budget and card > budget else ""
+    memory += " over budget" if within_budget(card, budget) is False else ""
     return f"{r['steady_reviews_per_s']:.1f} ({memory}, {r['gpu_util_pct']:.0f}% busy{way})"
 
 
@@ -94,8 +102,7 @@ class PeerBudget:
     @property
     def project_fits(self) -> bool:
         """Whether the project's NVML peak (the card's memory, the CUDA context included) stayed within the budget."""
-        card = self.project.get("nvml_peak_gib")
-        return self.budget_gib is None or (card is not None and card <= self.budget_gib)
+        return within_budget(self.project.get("nvml_peak_gib"), self.budget_gib) is True
 
 
 def peer_budgets(records: list[dict[str, Any]]) -> list[PeerBudget]:
