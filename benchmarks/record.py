@@ -77,6 +77,7 @@ class Record:
     test_reviews: int | None = None  # evaluate and duel: the test reviews scored
     # finetune, peer: all steps; evaluate: the scoring; duel: the stages' sum; baseline, sweep: a step; pair: see there
     wall_s: float | None = None
+    startup_s: float | None = None  # finetune, evaluate: the stage process's start to its first step or review
     reviews_per_s: float | None = None
     steady_reviews_per_s: float | None = None  # after the first 2 steps (compiles, warm-ups); baseline: its steps
     tokens_per_s: float | None = None  # real tokens, padding excluded
@@ -106,6 +107,7 @@ RENAMED = dict.fromkeys(("train_time_s", "eval_time_s", "step_s", "s_per_step"),
     **dict(gpu_util_mean_pct="gpu_util_pct", reviews="test_reviews", grad_ckpt="gradient_checkpointing"),
     **dict(accum="grad_accum", seq="max_length", eval_reviews_per_s="reviews_per_s", eval_energy_j="energy_j"),
     **dict(eval_gpu_util_mean_pct="gpu_util_pct", eval_nvml_peak_gib="nvml_peak_gib", eval_oom_retries="oom_retries"),
+    **dict(eval_startup_s="startup_s", eval_tokens_per_s="tokens_per_s", eval_mfu="mfu"),
 }
 
 

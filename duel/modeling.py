@@ -326,6 +326,13 @@ def four_bit_modules(module: Any) -> list[Any]:
     return [m for m in module.modules() if type(m).__name__ == "Linear4bit"]
 
 
+def projection_weights(layer: Any) -> int:
+    """The weights of a decoder layer's projections (in x out, whether held in 4 bits or not; LoRA's left out): the N
+    of its FLOPs per token, 2N in a forward pass."""
+    projections = [m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+    return sum(m.in_features * m.out_features for m in projections)
+
+
 def layers_in_4bit(model: Any) -> list[bool]:
     """For each decoder layer, whether its projections are held in 4 bits."""
     return [bool(four_bit_modules(layer)) for layer in decoder_layers(model)]

@@ -209,9 +209,10 @@ def conclusion(c: Comparison) -> str:
 
 def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
     rows = [
-        "| model | device | steps | how | train time s | reviews/s | tokens/s (real) | MFU | padding share | "
-        "peak VRAM alloc GiB | peak VRAM reserved GiB | NVML peak GiB | GPU util % | energy J | paper |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | device | steps | how | train time s | start-up s | reviews/s | tokens/s (real) | MFU | "
+        "padding share | peak VRAM alloc GiB | peak VRAM reserved GiB | NVML peak GiB | GPU util % | energy J | "
+        "paper |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, m in finetune.items():
         how = f"micro-batch {m['micro_batch']} x {m['grad_accum']}, {m['padding']}"
@@ -224,7 +225,7 @@ def hardware_table(finetune: dict[str, dict[str, Any]]) -> list[str]:
             how += f", {m['oom_retries']} OOM back-off(s)"
         rows.append(
             f"| {key} | {m['device']} | {m['steps']} | {how} | {fmt(m['train_time_s'], 1)} | "
-            f"{fmt(m['reviews_per_s'], 2)} | "
+            f"{fmt(m.get('startup_s'), 1)} | {fmt(m['reviews_per_s'], 2)} | "
             f"{fmt(m['tokens_per_s'], 0)} | {fmt(m.get('mfu'), 3)} | {fmt(m['padding_share'], 2)} | "
             f"{fmt(m['peak_vram_allocated_gib'], 2)} | "
             f"{fmt(m['peak_vram_reserved_gib'], 2)} | {fmt(m['nvml_peak_gib'], 2)} | "

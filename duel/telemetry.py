@@ -11,7 +11,11 @@ Definitions (all per process, on the process's current CUDA device):
 - mfu: model FLOPs utilization, the training's model FLOPs per second over the GPU's dense bf16/fp16 peak
   (PEAK_TFLOPS). Per real token, the decoder layers' projections cost 2N in the forward pass, 2N in the backward
   pass (input gradients only: the frozen weights get none) and 2N again in each checkpointed layer's recomputation
-  (N: their weights, LoRA's and attention's own FLOPs left out); padding is not counted as work.
+  (N: their weights, LoRA's and attention's own FLOPs left out); padding is not counted as work. eval_mfu: scoring's,
+  2N per real token (the forward pass only).
+- startup_s: seconds from the stage process's start to the work itself (the first training step, the first scored
+  review): imports, CUDA, loading and quantizing the model, planning. eval_startup_s: for a stage scoring several
+  models, the first model's counts from the process's start, each next one's from the end of the one before.
 On a machine without a GPU every one of these is null.
 - peak_memory_gib: peak_vram_reserved_gib on a GPU, the process's peak resident memory (RSS) on a CPU: the one
   memory figure every run has.
@@ -25,9 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import torch
 
 GIB = 2**30
+
+
+def process_started() -> float:
+    """When this process started, in seconds since the epoch (time.time()'s clock): the start of a stage's startup_s."""
+    return psutil.Process().create_time()
 
 
 @dataclass
@@ -187,6 +197,14 @@ def peak_tflops(device: str, precision: str) -> float | None:
     if precision not in ("bf16", "fp16") or not known:
         return None
     return PEAK_TFLOPS[max(known, key=len)]
+
+
+def model_utilization(tokens_per_s: float, flops_per_token: float, precision: str) -> dict[str, float | None]:
+    """Model TFLOP/s at `tokens_per_s` real tokens, and the MFU against the GPU's peak in `precision` (None where the
+    peak is unknown: a CPU, fp32, a GPU not in PEAK_TFLOPS)."""
+    tflops = tokens_per_s * flops_per_token / 1e12
+    peak = peak_tflops(device_name(), precision)
+    return {"model_tflops_per_s": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None}
 
 
 def device_name() -> str:

@@ -46,7 +46,7 @@ from duel.embeddings import HostEmbedding, look_up
 from duel.errors import TrainingError
 from duel.fused import fused_groups
 from duel.graphs import GraphedTrainer
-from duel.modeling import base_weights, compile_summary, dequantized_layers, quantization_name
+from duel.modeling import base_weights, compile_summary, dequantized_layers, projection_weights, quantization_name
 from duel.parallel import barrier, world_size
 from duel.params import Params
 from duel.telemetry import (
@@ -56,8 +56,9 @@ from duel.telemetry import (
     device_name,
     memory_kind,
     memory_now_gib,
+    model_utilization,
     peak_memory,
-    peak_tflops,
+    process_started,
 )
 
 IGNORE = -100
@@ -593,6 +594,8 @@ class FineTune:
 
     run: BackoffResult
     seconds: float
+    startup_s: float
+    """From the process's start to the first step (duel.telemetry, startup_s)."""
     hardware: dict[str, float | None]
     real_tokens: np.ndarray
     """Real tokens per optimizer step, at the micro-batch the run finished with."""
@@ -639,6 +642,7 @@ def fine_tune(
         torch.cuda.reset_peak_memory_stats()
     sampler.start()
     watch = Stopwatch()
+    startup_s = time.time() - process_started()
     run = train_with_backoff(
         build,
         params.train.batch_size,
@@ -649,7 +653,7 @@ def fine_tune(
     seconds = watch.elapsed_s()
     check_finite_weights(model, params)
     hardware = sampler.stop() | peak_memory() | allocator_summary()
-    return FineTune(run, seconds, hardware, *token_counts[run.micro_batch])
+    return FineTune(run, seconds, startup_s, hardware, *token_counts[run.micro_batch])
 
 
 def check_finite_weights(model: Any, params: Params) -> None:
@@ -709,6 +713,7 @@ def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int
         **loss_summary(done.run.trainer.state.log_history),
         "steps": done.run.trainer.state.global_step,
         "resumed_from_step": start_step,
+        "startup_s": round(done.startup_s, 2),
         **(speed := throughput(params, start_step, done.seconds, done.real_tokens, done.padded_tokens)),
         **utilization(speed["tokens_per_s"], model, params.execution.precision),
         **done.hardware,
@@ -725,20 +730,14 @@ def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int
 def model_flops_per_token(model: Any) -> float:
     """Training FLOPs per real token (see duel/telemetry.py, mfu): 2N forward, 2N backward and 2N recomputed in each
     checkpointed layer, N the decoder layers' projection weights (their in x out, whether held in 4 bits or not)."""
-    layers = decoder_layers(model)
-    flops = 0.0
-    for layer in layers:
-        projections = [m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
-        weights = sum(m.in_features * m.out_features for m in projections)
-        flops += (6 if layer.gradient_checkpointing else 4) * weights
-    return flops
+    return float(
+        sum((6 if layer.gradient_checkpointing else 4) * projection_weights(layer) for layer in decoder_layers(model))
+    )
 
 
 def utilization(tokens_per_s: float, model: Any, precision: str) -> dict[str, float | None]:
     """The training's model TFLOP/s and its MFU against the GPU's peak (None where the peak is unknown)."""
-    tflops = tokens_per_s * model_flops_per_token(model) / 1e12
-    peak = peak_tflops(device_name(), precision)
-    return {"model_tflops_per_s": round(tflops, 2), "mfu": round(tflops / peak, 4) if peak else None}
+    return model_utilization(tokens_per_s, model_flops_per_token(model), precision)
 
 
 def run_description(key: str, model: Any, params: Params, attention: str, kernels: str) -> dict[str, Any]:

@@ -11,23 +11,26 @@ ROC-AUC, reviews/s, memory for every model) and data/predictions/<key>_finetuned
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from duel import cli, parallel
 from duel.io import write_json
 from duel.params import load_params
 from duel.scoring import score_model
+from duel.telemetry import process_started
 
 
 def main() -> None:
     params = load_params()
     if parallel.claim_gpus(1, "evaluate"):  # a free GPU of the host, unless CUDA_VISIBLE_DEVICES says which
         sys.exit(parallel.relaunch("stages.evaluate", 1))  # in a child, where CUDA starts on it
-    results = {}
+    results, started = {}, process_started()  # each model's start-up: from the process's start, then the previous end
     for key, model in params.models.items():
         base, tokens, adapter = Path("models/base") / key, Path("data/tokenized") / key, Path("models/adapters") / key
         out = Path("data/predictions") / f"{key}_finetuned"
-        results[key] = score_model(model, params, base, tokens, adapter, out, f"{key} fine-tuned")
+        results[key] = score_model(model, params, base, tokens, adapter, out, f"{key} fine-tuned", started)
+        started = time.time()
         print(
             f"evaluate {key}: accuracy {results[key]['accuracy']}, F1 {results[key]['f1']}, "
             f"{results[key]['eval_reviews_per_s']} reviews/s"

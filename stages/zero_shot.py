@@ -17,6 +17,7 @@ from duel import cli, parallel
 from duel.io import write_json
 from duel.params import load_params
 from duel.scoring import score_model
+from duel.telemetry import process_started
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
         sys.exit(parallel.relaunch("stages.zero_shot", 1))  # in a child, where CUDA starts on it
     base, tokens = Path("models/base") / key, Path("data/tokenized") / key
     out = Path("data/predictions") / f"{key}_zero_shot"
-    metrics = score_model(params.model(key), params, base, tokens, None, out, f"{key} zero-shot")
+    metrics = score_model(params.model(key), params, base, tokens, None, out, f"{key} zero-shot", process_started())
     write_json(f"metrics/zero_shot_{key}.json", {key: {"zero_shot": metrics}})
     speed = metrics["eval_reviews_per_s"]
     print(f"zero_shot {key}: accuracy {metrics['accuracy']}, F1 {metrics['f1']}, {speed} reviews/s")

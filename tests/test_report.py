@@ -113,3 +113,6 @@ def test_hardware_table_says_how_the_base_was_held():
     assert cells[header.index("MFU")] == "0.321"
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
     assert cells[header.index("MFU")] == "n/a"  # a run without one (a CPU, an unknown GPU)
+    assert cells[header.index("start-up s")] == "n/a"  # a run recorded before the stage timed its start-up
+    cells = [cell.strip() for cell in hardware_table({"llama": run | {"startup_s": 31.26}})[2].strip("|").split("|")]
+    assert cells[header.index("start-up s")] == "31.3"

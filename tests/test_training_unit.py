@@ -611,12 +611,13 @@ def test_checkpoints_of_other_params_are_removed(tmp_path, params):
 
 def test_model_flops_count_the_projections_and_the_recomputed_layers(monkeypatch: pytest.MonkeyPatch):
     """MFU's numerator: per real token, 4N through a layer (forward, input gradients) and 6N through a checkpointed
-    one, N its projections' in x out; LoRA's own small matrices are left out."""
+    one, N its projections' in x out; LoRA's own small matrices are left out. Scoring's: 2N."""
     from conftest import tiny_llama_config
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     from duel.checkpointing import set_checkpointed_layers
+    from duel.scoring import scoring_speed
     from duel.telemetry import peak_tflops
     from duel.training import model_flops_per_token, utilization
 
@@ -627,9 +628,14 @@ def test_model_flops_count_the_projections_and_the_recomputed_layers(monkeypatch
     set_checkpointed_layers(model, 1)
     assert model_flops_per_token(model) == 6 * per_layer + 4 * per_layer
     assert utilization(1000.0, model, "fp32") == {"model_tflops_per_s": 0.0, "mfu": None}  # no known peak here
-    monkeypatch.setattr("duel.training.device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr("duel.telemetry.device_name", lambda: "NVIDIA H200")
     tokens_per_s = 989e12 / 4 / model_flops_per_token(model)  # a quarter of the H200's peak
     assert utilization(tokens_per_s, model, "bf16") == {"model_tflops_per_s": 247.25, "mfu": 0.25}
+    # Scoring: the forward pass only, 2N per real token of the reviews scored.
+    test = pd.DataFrame({"input_ids": [[1] * 300, [1] * 100]})
+    seconds = 400 * 2 * 2 * per_layer / (989e12 / 2)  # half the peak
+    speed = scoring_speed(model, test, seconds, "bfloat16")
+    assert speed == {"eval_tokens_per_s": round(400 / seconds, 1), "eval_model_tflops_per_s": 494.5, "eval_mfu": 0.5}
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0 and peak_tflops("NVIDIA H100 PCIe", "fp16") == 756.0
     assert peak_tflops("NVIDIA L40S", "bf16") == 362.0 and peak_tflops("NVIDIA L4", "bf16") == 121.0
     assert peak_tflops("NVIDIA H200", "fp32") is None and peak_tflops("cpu", "bf16") is None
