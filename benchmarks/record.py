@@ -57,7 +57,9 @@ class Record:
     run: str  # <date>-<gpu>-call<NN>: the call's folder under benchmarks/raw
     date: str
     gpu: str  # as nvidia-smi names it
-    stage: str  # finetune | evaluate | sweep | duel (all stages, back to back) | peer (Unsloth) | pair (see shared_gpu)
+    # finetune | evaluate | scoring (zero_shot per scoring layout) | sweep | duel (all stages, back to back) | peer
+    # (Unsloth) | pair (see shared_gpu)
+    stage: str
     model: str
     # finetune: the runner's tag (default, budget, oom, paper, alone, ...) or baseline-mb<M>x<A>; evaluate: default |
     # zero-shot; sweep: <kernels>/<variant>; duel: default; pair: in-turn | together; peer: unsloth[-no-ckpt]
@@ -149,10 +151,12 @@ def build_record(kind: str, tag: str, data: dict[str, Any], call: dict[str, Any]
         fields["padding_share"] = round(1 - data["tokens_per_s"] / data["padded_tokens_per_s"], 4)
     elif kind == "evaluate":  # one variant's metrics; tag: finetuned | zero_shot
         fields |= {"recipe": "default" if tag == "finetuned" else "zero-shot"}
+    elif kind == "scoring":  # the zero_shot stage under a SCORING variant (tag): execution.eval_padding
+        fields |= {"recipe": f"scoring-{tag}", "note": f"{data['padding']} rows"}
     elif kind == "duel":  # the runner's timings, with the steps and test reviews of the call's default and evaluate
         fields |= {"recipe": "default", "wall_s": round(data["duel_wall_s"], 1)}
     else:
-        raise ValueError(f"result kind {kind!r}: baseline, finetune, evaluate, peer, pair or duel")
+        raise ValueError(f"result kind {kind!r}: baseline, finetune, evaluate, scoring, peer, pair or duel")
     if kind in ("finetune", "peer") and baseline and fields.get("reviews_per_s"):
         fields |= dict(baseline_reviews_per_s=baseline, ratio_vs_baseline=round(fields["reviews_per_s"] / baseline, 3))
     return Record(stage="finetune" if kind == "baseline" else kind, **call, **fields)
@@ -201,7 +205,7 @@ def read_call(folder: Path) -> list[Record]:
         baseline = max((round(b["tokens_per_s"] / b["seq"], 3) for b in quantized), default=None)
         steps = test_reviews = None
         for kind, tag, data in ((r["kind"], r["tag"], r["data"]) for r in mine):
-            if kind in ("baseline", "finetune", "peer"):
+            if kind in ("baseline", "finetune", "peer", "scoring"):
                 records.append(build_record(kind, tag, data, call, baseline))
                 steps = data["steps"] if (kind, tag) == ("finetune", "default") else steps
             elif kind == "evaluate":
@@ -313,6 +317,20 @@ def finetunes(records: list[Record]) -> str:
     return table(rows, FINETUNE_COLUMNS)
 
 
+SCORING_COLUMNS = [
+    *("model", "recipe", "run", "attention", "test_reviews", "reviews_per_s", "tokens_per_s", "mfu", "gpu_util_pct"),
+    *("startup_s", "peak_vram_gib", "nvml_peak_gib", "note"),
+]
+
+
+def scorings(records: list[Record]) -> str:
+    """Every scoring run: the evaluate stage of the duel (fine-tuned, zero-shot), and the zero_shot stage per
+    scoring layout (--scoring)."""
+    runs = [r for r in records if r.stage in ("evaluate", "scoring")]
+    rows = [dataclasses.asdict(r) for r in sorted(runs, key=lambda r: (r.model, r.recipe, r.run))]
+    return table(rows, SCORING_COLUMNS)
+
+
 SHARED_GPU_COLUMNS = [
     *("run", "stage", "model", "recipe", "steps", "wall_s", "reviews_per_s", "ratio_vs_baseline", "gpu_util_pct"),
     *("nvml_peak_gib", "oom_retries", "note"),
@@ -344,7 +362,8 @@ def ablation(records: list[Record]) -> str:
 
 def render_readme(records: list[Record]) -> str:
     text = (BENCH / "README.template.md").read_text()
-    sections = {"targets": targets, "finetunes": finetunes, "peers": peers, "shared_gpu": shared_gpu}
+    sections = {"targets": targets, "finetunes": finetunes, "scoring": scorings, "peers": peers}
+    sections["shared_gpu"] = shared_gpu
     for name, filled in (sections | {"ablation": ablation}).items():
         text = text.replace("{{" + name + "}}", filled(records))
     return text

@@ -12,6 +12,7 @@ keeps what it measured); stage logs go to $OUT/log.txt. benchmarks/record.py tur
     python3 benchmarks/run_device.py llama deepseek --together 60
     python3 benchmarks/run_device.py llama --peer 30
     python3 benchmarks/run_device.py deepseek --offload 20 --budget-gib 8
+    python3 benchmarks/run_device.py llama deepseek --scoring 5000 [--variants left,flattened] [--profile-step]
 
 --parallel runs each model on its own GPU at the same time (GPU i for the i-th model, each in its own copy of the
 project under /tmp, results in $OUT/<key>/); --gpu-tests runs `pytest -m gpu` after the first model's runs;
@@ -33,6 +34,10 @@ same budgets (its wheels installed apart, in $PEER_SITE: they pin an older `data
 finetune stage per execution variant of SWEEP (or those --variants names), on the same reviews; no scoring.
 compiled-cold empties the call's compile cache and compiles into it; compiled-warm starts from it as the runs before
 left it (the same model's, or the other model's: their decoder layers share their code).
+
+--scoring N measures how scoring lays out its batches: per model, the zero_shot stage on N test reviews per
+SCORING variant (execution.eval_padding), on the same reviews; with --profile-step, each variant again under
+torch.profiler (batches 3-5); no training, no baseline (scoring has none).
 
 --offload N measures execution.offload_checkpoints: per model, the baseline, then N steps of the finetune stage at
 --budget-gib with offloading auto (on where every layer checkpointed would not fit), then off; no scoring.
@@ -352,6 +357,31 @@ def run_variants(key: str, profiles: list[Path], steps: int, data: dict[str, Any
         finetune(key, f"sweep-{variant}", CALL_CACHE if variant.startswith("compiled-") else None, env)
 
 
+SCORING = {"left": {"eval_padding": "left"}, "flattened": {"eval_padding": "flattened"}}
+
+
+def scoring(key: str, profiles: list[Path], reviews: int, variants: list[str], profiled: bool) -> None:
+    """The zero_shot stage (the base model, dequantized on a GPU of 40 GiB or more, as evaluate scores) on N test
+    reviews per SCORING variant, one after the other on the same reviews; with `profiled`, each again under
+    torch.profiler (batches 3-5, into $OUT/profile-<key>-scoring-<variant>/), measured apart."""
+    data = {"train_size": 16, "test_size": reviews}
+    write_params(key, profiles, data=data, train={"steps": 1})
+    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
+        stage(name, *args, tag=f"{name}_{key}")
+    for variant in variants:
+        write_params(key, profiles, data=data, train={"steps": 1}, execution=SCORING[variant])
+        tag = f"zero_shot_{key}_scoring-{variant}"
+        code, seconds, _ = call([sys.executable, "-m", "stages.zero_shot", key], tag)
+        if code:
+            continue
+        metrics = read_json(f"metrics/zero_shot_{key}.json")[key]["zero_shot"]
+        how = read_json(Path("data/predictions") / f"{key}_zero_shot" / "scoring.json")
+        emit("scoring", key, variant, metrics | {k: how[k] for k in ("attention", "padding")} | {"stage_s": seconds})
+        if profiled:
+            env = {"DUEL_PROFILE": str(OUT.resolve() / f"profile-{key}-scoring-{variant}"), "DUEL_PROFILE_STEPS": "2:3"}
+            call([sys.executable, "-m", "stages.zero_shot", key], f"{tag}_profiled", env)
+
+
 def profile_steps(key: str, profiles: list[Path], data: dict[str, Any]) -> None:
     """Steps 3-5 of the default recipe's finetune stage under torch.profiler (duel/profiling.py)."""
     write_params(key, profiles, data=data, train={"steps": 5})
@@ -396,6 +426,7 @@ def main() -> None:
     parser.add_argument("--together", type=int, default=0, help="N steps per model: alone, then both at once")
     parser.add_argument("--peer", type=int, default=0, help="N steps per budget: the project, then Unsloth")
     parser.add_argument("--offload", type=int, default=0, help="N steps at --budget-gib, offloading auto then off")
+    parser.add_argument("--scoring", type=int, default=0, help="N test reviews per SCORING variant (zero_shot)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     emit("call", ",".join(args.keys), "argv", {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -422,6 +453,11 @@ def main() -> None:
             continue
         if args.offload:
             offload(key, profiles, args.offload, args.budget_gib)
+            continue
+        if args.scoring:
+            variants = args.variants.split(",") if args.variants else list(SCORING)
+            scoring(key, profiles, args.scoring, variants, args.profile_step)
+            gpu_tests(key, args)
             continue
         if args.sweep:
             variants = args.variants.split(",") if args.variants else list(SWEEP)

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 from tqdm.auto import tqdm
 
+from duel import profiling
 from duel.checkpointing import limit_gpu_memory
 from duel.errors import EvaluationError
 from duel.telemetry import GpuSampler, Stopwatch, peak_memory
@@ -25,11 +26,13 @@ def label_logits(
     desc: str,
     stats: dict[str, int] | None = None,
     budget_gib: float | None = None,
+    flattened: bool = False,
 ) -> np.ndarray:
     """Logits of [negative, positive] at the last prompt position, one row per review, in frame order.
 
     Reviews are scored in length-sorted batches (little padding), left-padded so the answer position is the last
-    one for every row, and only that position's logits are computed (logits_to_keep=1). On a CUDA out-of-memory
+    one for every row, and only that position's logits are computed (logits_to_keep=1); `flattened`: a batch's
+    reviews in one row without padding instead (flattened_logits). On a CUDA out-of-memory
     error the batch is halved and scoring goes on; `stats`, when given, gets the batch size it ended with and how
     many times it was halved. With execution.memory_budget_gib (`budget_gib`), the allocator's cap is set again after
     the first batch, whose kernels' memory counts against the budget (duel.checkpointing.limit_gpu_memory).
@@ -40,12 +43,16 @@ def label_logits(
     order = np.argsort([-len(x) for x in ids], kind="stable")
     out = np.zeros((len(ids), 2), dtype=np.float32)
     columns = torch.tensor(answer_ids, device=device)
-    start, retries = 0, 0
+    start, retries, batches = 0, 0, 0
+    answer_logits = flattened_logits if flattened else padded_logits
+    profiler = profiling.from_environment("batch")  # DUEL_PROFILE: torch.profiler over a few of these batches
     with tqdm(total=len(order), desc=desc, unit="review") as bar:
         while start < len(order):
             rows = order[start : start + batch_size]
+            if profiler is not None:
+                profiler.begin(batches)
             try:
-                logits = _answer_logits(model, [ids[r] for r in rows], pad_id, device)
+                logits = answer_logits(model, [ids[r] for r in rows], pad_id, device)
             except torch.OutOfMemoryError:
                 logits = None  # handled below, once the traceback (and the activations it holds) is released
             if logits is None:
@@ -61,14 +68,18 @@ def label_logits(
             out[rows] = logits.index_select(1, columns).float().cpu().numpy()
             if start == 0 and budget_gib:
                 limit_gpu_memory(budget_gib)
-            start += len(rows)
+            start, batches = start + len(rows), batches + 1
+            if profiler is not None:
+                profiler.end(batches)
             bar.update(len(rows))
     if stats is not None:
         stats |= {"batch_size": batch_size, "oom_retries": retries}
     return out
 
 
-def _answer_logits(model: Any, prompts: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+def padded_logits(model: Any, prompts: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Each prompt's logits at its last position, (prompts, vocabulary): the prompts left-padded to the longest, one
+    row each, under an attention mask."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -83,6 +94,29 @@ def _answer_logits(model: Any, prompts: list[list[int]], pad_id: int, device: to
         logits_to_keep=1,
         use_cache=False,
     ).logits[:, -1, :]
+
+
+def flattened_logits(model: Any, prompts: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Each prompt's logits at its last position, (prompts, vocabulary): the prompts end to end in one row without
+    padding or mask, as transformers' padding-free collator lays them out (DataCollatorWithFlattening): position ids
+    restart at each prompt, which sdpa turns into a block mask, and the prompts' boundaries (cu_seq_lens, max_length)
+    go to varlen and Flash Attention 2; the logits are computed at the prompts' last positions only."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    ends = lengths.cumsum(0)
+    bounds = torch.cat([torch.zeros(1, dtype=ends.dtype), ends]).to(device=device, dtype=torch.int32)
+    input_ids = torch.tensor([token for prompt in prompts for token in prompt]).unsqueeze(0)
+    positions = torch.arange(int(ends[-1])) - torch.repeat_interleave(ends - lengths, lengths)
+    longest = int(lengths.max())
+    return model(
+        input_ids=input_ids.to(device),
+        position_ids=positions.unsqueeze(0).to(device),
+        cu_seq_lens_q=bounds,
+        cu_seq_lens_k=bounds,
+        max_length_q=longest,
+        max_length_k=longest,
+        logits_to_keep=(ends - 1).to(device),
+        use_cache=False,
+    ).logits[0]
 
 
 def predicted_labels(logits: np.ndarray) -> np.ndarray:
@@ -136,13 +170,14 @@ def score(
     batch_size: int,
     desc: str,
     budget_gib: float | None = None,
+    flattened: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Label-word logits of every test review (label_logits, within `budget_gib`), and what scoring paid: time,
-    reviews/s, memory, GPU telemetry."""
+    """Label-word logits of every test review (label_logits, within `budget_gib`, `flattened` or left-padded), and
+    what scoring paid: time, reviews/s, memory, GPU telemetry."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sampler, watch, stats = GpuSampler().start(), Stopwatch(), {}
-    logits = label_logits(model, test, answer_ids, pad_id, batch_size, desc, stats, budget_gib)
+    logits = label_logits(model, test, answer_ids, pad_id, batch_size, desc, stats, budget_gib, flattened)
     seconds = watch.elapsed_s()
     measured = {
         "time_s": round(seconds, 2),

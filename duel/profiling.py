@@ -1,14 +1,16 @@
 """Where does a training step's time go? torch.profiler over a few optimizer steps of the finetune stage's own
 Trainer run, through a callback, so that what is profiled is the step that trains (model, LoRA, collator, loss,
-optimizer, checkpointing and kernels exactly as the params set them).
+optimizer, checkpointing and kernels exactly as the params set them). The same for scoring's batches.
 
     DUEL_PROFILE=out/profile DUEL_PROFILE_STEPS=2:3 python -m stages.finetune llama
+    DUEL_PROFILE=out/profile DUEL_PROFILE_STEPS=2:3 python -m stages.zero_shot llama
 
-profiles steps 3 to 5 (the first two run unprofiled: warm-up) and writes to out/profile/: kernels.txt (the
-operators and kernels that took the most device time, CUDA or CPU), steps.json (seconds per profiled step),
-idle.json (on a GPU: how much of the window the GPU computed, and what the host was doing while it did not) and
-trace.json.gz (a Chrome trace, for chrome://tracing or Perfetto). Without DUEL_PROFILE nothing is profiled. It changes
-nothing that is learned; it slows the profiled steps, so it is for runs that measure nothing else.
+profiles steps 3 to 5 (scoring: batches 3 to 5, of the longest reviews, which go first; the first two run
+unprofiled: warm-up) and writes to out/profile/: kernels.txt (the operators and kernels that took the most device
+time, CUDA or CPU), steps.json (seconds per profiled step; scoring: batches.json), idle.json (on a GPU: how much of
+the window the GPU computed, and what the host was doing while it did not) and trace.json.gz (a Chrome trace, for
+chrome://tracing or Perfetto). Without DUEL_PROFILE nothing is profiled. It changes nothing that is learned or
+predicted; it slows the profiled steps, so it is for runs that measure nothing else.
 """
 
 from __future__ import annotations
@@ -31,23 +33,29 @@ from duel.errors import ParamsError
 ROWS = 40
 
 
-class ProfileSteps(TrainerCallback):
-    """torch.profiler around optimizer steps skip + 1 .. skip + count of the Trainer's run."""
+PLURAL = {"step": "steps", "batch": "batches"}
 
-    def __init__(self, folder: Path, skip: int, count: int) -> None:
-        self.folder, self.skip, self.count = folder, skip, count
+
+class ProfileSteps(TrainerCallback):
+    """torch.profiler around units skip + 1 .. skip + count of a loop: the Trainer's optimizer steps (as its
+    callback), or scoring's batches (duel.evaluation.label_logits calls begin and end)."""
+
+    def __init__(self, folder: Path, skip: int, count: int, unit: str = "step") -> None:
+        self.folder, self.skip, self.count, self.unit = folder, skip, count, unit
         self.profiler: profile | None = None
         self.started = 0.0
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if state.global_step == self.skip and self.profiler is None:
+    def begin(self, done: int) -> None:
+        """Before the next unit, `done` of them finished: the window opens after the first `skip`."""
+        if done == self.skip and self.profiler is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.profiler = profile(activities=activities)
             self.profiler.__enter__()
             self.started = time.perf_counter()
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.profiler is not None and state.global_step == self.skip + self.count:
+    def end(self, done: int) -> None:
+        """After a unit, `done` of them finished: the window closes after `count` more, and is written."""
+        if self.profiler is not None and done == self.skip + self.count:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - self.started
@@ -55,20 +63,32 @@ class ProfileSteps(TrainerCallback):
             self.write(self.profiler, seconds)
             self.profiler = None
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.begin(state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.end(state.global_step)
+
     def write(self, profiler: profile, seconds: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         table = profiler.key_averages().table(sort_by=f"self_{device}_time_total", row_limit=ROWS)
         (self.folder / "kernels.txt").write_text(table)
-        steps = {"first_step": self.skip + 1, "steps": self.count, "seconds_per_step": round(seconds / self.count, 4)}
-        (self.folder / "steps.json").write_text(json.dumps(steps, indent=2) + "\n")
+        unit, units = self.unit, PLURAL[self.unit]
+        window = {
+            f"first_{unit}": self.skip + 1,
+            units: self.count,
+            f"seconds_per_{unit}": round(seconds / self.count, 4),
+        }
+        (self.folder / f"{units}.json").write_text(json.dumps(window, indent=2) + "\n")
         trace = self.folder / "trace.json.gz"
         profiler.export_chrome_trace(str(trace))  # gzipped, as the name ends in .gz
         if torch.cuda.is_available():
             with gzip.open(trace, "rt") as file:
                 idle = idle_summary(json.load(file)["traceEvents"])
             (self.folder / "idle.json").write_text(json.dumps(idle, indent=2) + "\n")
-        print(f"profile: steps {self.skip + 1}-{self.skip + self.count} in {self.folder}/ (kernels.txt, trace.json.gz)")
+        first, last = self.skip + 1, self.skip + self.count
+        print(f"profile: {units} {first}-{last} in {self.folder}/ (kernels.txt, trace.json.gz)")
 
 
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -124,8 +144,9 @@ def idle_summary(events: list[dict[str, Any]], gap_us: float = 10.0) -> dict[str
     }
 
 
-def from_environment() -> ProfileSteps | None:
-    """The callback DUEL_PROFILE (a folder) and DUEL_PROFILE_STEPS ("<skip>:<count>", default 2:3) ask for."""
+def from_environment(unit: str = "step") -> ProfileSteps | None:
+    """The profiler DUEL_PROFILE (a folder) and DUEL_PROFILE_STEPS ("<skip>:<count>", default 2:3) ask for, over
+    optimizer steps (unit "step") or scoring batches ("batch")."""
     folder = os.environ.get("DUEL_PROFILE")
     if not folder:
         return None
@@ -136,4 +157,4 @@ def from_environment() -> ProfileSteps | None:
         raise ParamsError(f"DUEL_PROFILE_STEPS: {spec!r} is not <skip>:<count>, e.g. 2:3") from None
     if skip < 0 or count < 1:
         raise ParamsError(f"DUEL_PROFILE_STEPS: {spec!r} needs skip >= 0 and count >= 1, e.g. 2:3")
-    return ProfileSteps(Path(folder), skip, count)
+    return ProfileSteps(Path(folder), skip, count, unit)

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from duel.attention import FLEX
 from duel.checkpointing import decoder_layers, limit_gpu_memory
 from duel.evaluation import classification_metrics, confusion, predictions_frame, score
 from duel.hub import load_tokenizer
@@ -47,7 +48,8 @@ def score_model(
     test = pd.read_parquet(tokens / "test.parquet")
     labels = test["label"].to_numpy()
     answer_ids = tuple(read_json(tokens / "verbalizer.json")["token_ids"])
-    attention = attention_implementation(params.execution.attention, packed=False)
+    flattened = params.execution.eval_padding == "flattened"
+    attention = attention_implementation(scoring_attention(params.execution.attention, flattened), packed=flattened)
     kernels = kernels_implementation(params.execution.kernels)
     merge = merge_wanted(params.execution)
     limit_gpu_memory(params.execution.memory_budget_gib)  # scoring too stays within the poor man's GPU
@@ -59,9 +61,8 @@ def score_model(
         loaded = merged_adapter(loaded, adapter) if merge else load_adapter_for_inference(loaded, adapter)
     pad_id, batch_size = load_tokenizer(base).pad_token_id, params.execution.eval_batch_size
     startup_s = time.time() - started
-    logits, measured = score(
-        loaded.eval(), test, answer_ids, pad_id, batch_size, desc, params.execution.memory_budget_gib
-    )
+    budget = params.execution.memory_budget_gib
+    logits, measured = score(loaded.eval(), test, answer_ids, pad_id, batch_size, desc, budget, flattened)
     measured |= scoring_speed(loaded, test, measured["eval_time_s"], params.execution.compute_dtype)
     measured["eval_startup_s"] = round(startup_s, 2)
     del loaded
@@ -74,6 +75,7 @@ def score_model(
             tmp / "scoring.json",
             {
                 "attention": attention,
+                "padding": params.execution.eval_padding,
                 "kernels": kernels,
                 "dequantized_base": merge,
                 "adapter": str(adapter) if adapter else None,
@@ -91,3 +93,9 @@ def scoring_speed(model: Any, test: pd.DataFrame, seconds: float, compute_dtype:
     flops = 2.0 * sum(projection_weights(layer) for layer in decoder_layers(model))
     speed = model_utilization(tokens_per_s, flops, PRECISIONS[compute_dtype])
     return {"eval_tokens_per_s": round(tokens_per_s, 1), **{f"eval_{k}": v for k, v in speed.items()}}
+
+
+def scoring_attention(requested: str, flattened: bool) -> str:
+    """execution.attention for scoring, before attention_implementation resolves it: flattened batches take auto in
+    place of flex_attention, whose kernel would compile again for each new row length (a batch of reviews each)."""
+    return "auto" if flattened and requested == FLEX else requested

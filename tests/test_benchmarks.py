@@ -227,6 +227,47 @@ def test_records_and_readme(tmp_path: Path) -> None:
     assert len(lever_rows) == 4
 
 
+def test_a_scoring_call_records_each_layout_with_its_start_up_and_mfu(tmp_path: Path) -> None:
+    """--scoring: the zero_shot stage's metrics per layout of scoring's batches become scoring records (recipe
+    scoring-<layout>, the attention and layout said), listed in the README's scoring table, judged by no target."""
+    bench = bench_copy(tmp_path)
+    lines = []
+    for layout, speed in (("left", 150.0), ("flattened", 165.0)):
+        metrics = {"reviews": 5000, "eval_time_s": round(5000 / speed, 2), "eval_reviews_per_s": speed}
+        metrics |= {"eval_tokens_per_s": speed * 290.7, "eval_mfu": 0.57, "eval_startup_s": 31.5}
+        metrics |= {"eval_gpu_util_mean_pct": 90.0, "eval_nvml_peak_gib": 22.4, "eval_peak_vram_reserved_gib": 21.1}
+        attention = "varlen" if layout == "flattened" else "sdpa"
+        data = metrics | {"accuracy": 0.5, "attention": attention, "padding": layout, "stage_s": 70.0}
+        lines.append({"kind": "scoring", "model": "llama", "tag": layout, "data": data})
+    folder = bench / "raw" / "2026-12-09-h100-call01"
+    folder.mkdir(parents=True)
+    (folder / "gpu.csv").write_text(
+        "name, driver_version, memory.total [MiB]\nNVIDIA H100 80GB HBM3, 580.0, 81559 MiB\n"
+    )
+    (folder / "versions.json").write_text(json.dumps(VERSIONS))
+    call = {"kind": "call", "model": "llama", "tag": "argv", "data": {"argv": ["llama", "--scoring", "5000"]}}
+    (folder / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [call, *lines]))
+    done = run_record(bench, folder)
+    assert done.returncode == 0, done.stderr
+
+    records = {r["recipe"]: r for r in read_records(bench)}
+    assert sorted(records) == ["scoring-flattened", "scoring-left"]
+    flattened = records["scoring-flattened"]
+    assert (flattened["stage"], flattened["attention"], flattened["note"]) == ("scoring", "varlen", "flattened rows")
+    assert (flattened["reviews_per_s"], flattened["mfu"], flattened["startup_s"]) == (165.0, 0.57, 31.5)
+    assert (flattened["test_reviews"], flattened["tokens_per_s"], flattened["gpu_util_pct"]) == (
+        5000,
+        165.0 * 290.7,
+        90.0,
+    )
+    readme = (bench / "README.md").read_text()
+    table = readme.split("## Scoring")[1].split("## ")[0]
+    rows = [cells(line) for line in table.splitlines() if line.startswith("| llama ")]
+    assert [row[1] for row in rows] == ["scoring-flattened", "scoring-left"]
+    assert all(row[2] == "2026-12-09-h100-call01" for row in rows)
+    assert target_rows(readme, "evaluate")["llama"][3] == "not measured"  # scoring runs judge no target
+
+
 def test_newest_call_judges_and_a_rerun_replaces(tmp_path: Path) -> None:
     bench = bench_copy(tmp_path)
     first = write_call(bench / "raw" / "2026-12-01-h200-call01", {"llama": model_results("llama", LLAMA, 25000)})

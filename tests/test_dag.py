@@ -132,7 +132,7 @@ def ancestors(name: str, upstream: dict[str, set[str]]) -> set[str]:
 
 
 # The execution keys only scoring reads; a fine-tune reads every other one (duel.params.ExecutionParams).
-SCORING_ONLY = {"eval_batch_size", "merge_adapter"}
+SCORING_ONLY = {"eval_batch_size", "eval_padding", "merge_adapter"}
 
 
 @pytest.mark.parametrize("name", [name for name in stages() if name.startswith("finetune_")])

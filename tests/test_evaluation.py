@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,6 +112,35 @@ def test_label_logits_padding_is_masked(tiny_model):
     np.testing.assert_allclose(shifted.numpy(), scored[0], atol=1e-4)
 
 
+def test_flattened_scoring_gives_each_review_its_own_logits(tiny_model):
+    """execution.eval_padding flattened: a batch's reviews in one row without padding, position ids restarting per
+    review, give each review the logits it has scored alone, in frame order, whatever the batch size."""
+    frame = review_frame(seed=0, lengths=(4, 17, 9, 1, 12, 17, 6))
+    expected = np.stack([alone(tiny_model, ids) for ids in frame["input_ids"]])
+    for batch_size in (1, 3, 64):
+        flattened = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size, desc="test", flattened=True)
+        assert flattened.shape == (7, 2) and flattened.dtype == np.float32
+        np.testing.assert_allclose(flattened, expected, atol=1e-4)
+    # The control: without positions restarting, the row's later reviews attend to those before them.
+    first, second = (frame["input_ids"][i] for i in (0, 1))
+    with torch.no_grad():
+        one_sequence = tiny_model(input_ids=torch.tensor([first + second])).logits[0, -1, list(ANSWERS)].numpy()
+    assert np.abs(one_sequence - expected[1]).max() > 1e-3
+
+
+def test_scoring_profiles_the_batches_asked_for(tiny_model, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """DUEL_PROFILE over scoring: batches 2 and 3 of the real scoring loop profiled, the logits unchanged."""
+    frame = review_frame(seed=0, lengths=(4, 17, 9, 1, 12, 17, 6))
+    plain = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=2, desc="test")
+    monkeypatch.setenv("DUEL_PROFILE", str(tmp_path / "profile"))
+    monkeypatch.setenv("DUEL_PROFILE_STEPS", "1:2")
+    profiled = label_logits(tiny_model, frame, ANSWERS, PAD, batch_size=2, desc="test")
+    np.testing.assert_array_equal(profiled, plain)
+    window = json.loads((tmp_path / "profile" / "batches.json").read_text())
+    assert window["first_batch"] == 2 and window["batches"] == 2 and window["seconds_per_batch"] > 0
+    assert "aten::" in (tmp_path / "profile" / "kernels.txt").read_text()
+
+
 def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path):
     """execution.merge_adapter: the dequantized base with the adapter merged in scores like the dequantized base with
     the adapter on the side (merging changes nothing), and both like the 4-bit base with the adapter (dequantizing
@@ -153,6 +184,10 @@ def test_merged_adapter_scores_like_the_adapter_beside_the_base(params, tmp_path
     assert effect > 0.1  # the adapter matters ...
     np.testing.assert_allclose(merged, beside, atol=1e-5)  # ... merging it changes nothing ...
     assert np.abs(beside - beside_4bit).max() < 0.05 * effect  # ... nor does dequantizing, beyond kernel rounding
+    # Flattened batches through PEFT's model (the position ids and logits_to_keep reach the base): the same logits.
+    adapted = load_adapter_for_inference(base_4bit(), adapter_dir)
+    flattened = label_logits(adapted, frame, ANSWERS, PAD, batch_size=2, desc="test", flattened=True)
+    np.testing.assert_allclose(flattened, beside_4bit, atol=1e-4)
 
 
 class OomAbove:

@@ -470,6 +470,23 @@ def test_varlen_attention_computes_the_masked_sdpa_loss_and_gradients(params: Pa
 
 
 @pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")
+@pytest.mark.parametrize("kernel", ["varlen", "sdpa"])
+def test_flattened_scoring_gives_the_left_padded_logits(params: Params, base_dir: Path, kernel: str):
+    """execution.eval_padding flattened on the 4-bit base: a batch's reviews in one row, varlen taking their
+    boundaries (or sdpa its block mask from the position ids), give the logits of left-padded batches under sdpa's
+    mask, up to bf16 rounding; the reviews' own logits differ far more than that."""
+    setup = setup_for(params, RECIPES["packed"])
+    frame = reviews_frame()
+    padded_model = load_base_model(base_dir, setup.model, setup.params, "sdpa")
+    padded = label_logits(padded_model, frame, ANSWERS, PAD, EVAL_BATCH, "left-padded")
+    flat_model = padded_model if kernel == "sdpa" else load_base_model(base_dir, setup.model, setup.params, kernel)
+    flattened = label_logits(flat_model, frame, ANSWERS, PAD, EVAL_BATCH, "flattened", flattened=True)
+    print(f"max |flattened - left-padded| = {np.abs(flattened - padded).max():.3g}")
+    np.testing.assert_allclose(flattened, padded, rtol=SAME_RTOL, atol=SAME_ATOL * 10)
+    assert np.abs(padded[:, None] - padded[None]).max() > 100 * SAME_ATOL  # the reviews differ: a mix-up would show
+
+
+@pytest.mark.skipif(not varlen_available(), reason="needs PyTorch 2.9 or newer and an Ampere or newer GPU")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointed"])
 @pytest.mark.parametrize("dequantize", [False, True], ids=["4bit", "dequantized"])
 def test_cuda_graphs_train_as_the_eager_trainer(
