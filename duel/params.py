@@ -233,8 +233,8 @@ class ExecutionParams:
     """How scoring lays out a batch's reviews. left: one row per review, left-padded to the batch's longest, under an
     attention mask (sdpa: the masked kernels). flattened: all of them in one row with no padding, each attending to
     itself only (transformers' padding-free layout: position ids restart per review, and varlen or Flash Attention 2
-    take the reviews' boundaries; sdpa, on a CPU, a block mask of the row's width squared), and the logits computed
-    at each review's last position only. The same logits either way, to rounding."""
+    take the reviews' boundaries; sdpa, on a CPU, a block mask of the row's width squared, which is slow), and the
+    logits computed at each review's last position only. The same logits either way, to rounding."""
     merge_adapter: bool | Literal["auto"]
     """Score a copy of the base in compute_dtype (dequantized from 4 bits) with the adapter merged into it: the
     weights training saw, without per-batch dequantization or the adapter's side path (faster; needs the unquantized

@@ -54,17 +54,19 @@ def score_model(
     merge = merge_wanted(params.execution)
     limit_gpu_memory(params.execution.memory_budget_gib)  # scoring too stays within the poor man's GPU
 
+    loading = time.perf_counter()  # the model's build: load, quantize, dequantize, merge (eval_load_s)
     loaded = load_base_model(base, model, params, attention, kernels)
     if merge:  # the weights training saw, in compute_dtype, without per-batch dequantization
         loaded = dequantized(loaded, params.quantization.enabled)
     if adapter is not None:
         loaded = merged_adapter(loaded, adapter) if merge else load_adapter_for_inference(loaded, adapter)
+    load_s = time.perf_counter() - loading
     pad_id, batch_size = load_tokenizer(base).pad_token_id, params.execution.eval_batch_size
     startup_s = time.time() - started
     budget = params.execution.memory_budget_gib
     logits, measured = score(loaded.eval(), test, answer_ids, pad_id, batch_size, desc, budget, flattened)
     measured |= scoring_speed(loaded, test, measured["eval_time_s"], params.execution.compute_dtype)
-    measured["eval_startup_s"] = round(startup_s, 2)
+    measured |= {"eval_startup_s": round(startup_s, 2), "eval_load_s": round(load_s, 2)}
     del loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -16,6 +16,8 @@ Definitions (all per process, on the process's current CUDA device):
 - startup_s: seconds from the stage process's start to the work itself (the first training step, the first scored
   review): imports, CUDA, loading and quantizing the model, planning. eval_startup_s: for a stage scoring several
   models, the first model's counts from the process's start, each next one's from the end of the one before.
+  load_s (eval_load_s), within it: building the model (loading and quantizing the weights, dequantizing, planning
+  the memory, LoRA or merging the adapter); the rest is imports, CUDA's start and reading the data.
 On a machine without a GPU every one of these is null.
 - peak_memory_gib: peak_vram_reserved_gib on a GPU, the process's peak resident memory (RSS) on a CPU: the one
   memory figure every run has.

@@ -703,9 +703,9 @@ def resumable_checkpoint(folder: Path, fingerprint: str) -> tuple[Path | None, i
     return last_checkpoint(folder)
 
 
-def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int) -> dict[str, Any]:
-    """The numbers of a fine-tune: loss, speed over the steps this process ran, memory, energy, and what the
-    back-off left it with."""
+def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int, load_s: float) -> dict[str, Any]:
+    """The numbers of a fine-tune: loss, speed over the steps this process ran, what starting up took (load_s: the
+    model's build, part of startup_s), memory, energy, and what the back-off left it with."""
     steps_timed = params.train.steps - start_step
     trainable, total = model.get_nb_trainable_parameters()
     energy = done.hardware["energy_j"]
@@ -714,6 +714,7 @@ def finetune_metrics(done: FineTune, model: Any, params: Params, start_step: int
         "steps": done.run.trainer.state.global_step,
         "resumed_from_step": start_step,
         "startup_s": round(done.startup_s, 2),
+        "load_s": round(load_s, 2),
         **(speed := throughput(params, start_step, done.seconds, done.real_tokens, done.padded_tokens)),
         **utilization(speed["tokens_per_s"], model, params.execution.precision),
         **done.hardware,

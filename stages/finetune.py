@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -88,6 +89,7 @@ def main() -> None:
     kernels = kernels_implementation(execution.kernels, execution.compile)
     largest = int(micro_batch_tokens(lengths, order, params)[1].max())  # sizes checkpointing to the memory budget
     model_params = params.model(key)
+    loading = time.perf_counter()  # the model's build: load, quantize, plan, LoRA (load_s, within startup_s)
     loaded = load_base_model(base, model_params, params, attention, kernels)
     embeddings = host_embeddings(loaded, model_params, params, largest)  # the table in host memory, or None
     loaded = base_for_training(loaded, model_params, params, largest)
@@ -95,6 +97,7 @@ def main() -> None:
     model = add_lora(loaded, model_params, params, largest)
     fused = fuse_projections(model) if execution.fuse_projections else 0
     compile_layers(model, execution.compile)
+    load_s = time.perf_counter() - loading
     layers = f"{checkpointed_layers(model)} of {len(decoder_layers(model))} ({offloaded_layers(model)} offloaded)"
     budget = f"{execution.memory_budget_gib:g} GiB" if execution.memory_budget_gib else "none"
     budget += f", torch's allocator capped at {cap:.2f} GiB" if cap else ""
@@ -119,7 +122,7 @@ def main() -> None:
     if not main_process:
         parallel.end_distributed()  # waits for rank 0 to write the outputs
         return
-    metrics = finetune_metrics(done, model, params, start_step)
+    metrics = finetune_metrics(done, model, params, start_step, load_s)
     how = run_description(key, model, params, attention, kernels)
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -129,7 +132,8 @@ def main() -> None:
     shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     parallel.end_distributed()
     print(
-        f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {done.seconds:.1f} s, "
+        f"finetune {key}: loss {metrics['final_loss']} after {metrics['steps']} steps in {done.seconds:.1f} s (after "
+        f"{metrics['startup_s']:.1f} s starting up, {metrics['load_s']:.1f} s of it building the model), "
         f"{metrics['reviews_per_s']} reviews/s, {metrics['tokens_per_s']} tokens/s, attention {attention}, "
         f"kernels {kernels}{compiled(how['compile_cache'])}{on_the_card(metrics, execution.memory_budget_gib)}"
     )

@@ -30,6 +30,7 @@ FINETUNE_COMPARED = [
 FINETUNE_TIMING = [
     "train_time_s",
     "startup_s",
+    "load_s",
     "reviews_per_s",
     "tokens_per_s",
     "padded_tokens_per_s",

@@ -176,10 +176,11 @@ def test_demo_metrics_cover_both_models_and_baselines(demo: tuple[Path, str]) ->
             assert metrics["reviews"] == 400 and metrics["eval_peak_memory_gib"] > 0
             assert metrics["eval_tokens_per_s"] > metrics["eval_reviews_per_s"] and metrics["eval_mfu"] is None
             assert 0 < metrics["eval_startup_s"] < 600  # evaluate's second model: from the first one's end
+            assert 0 < metrics["eval_load_s"] < metrics["eval_startup_s"]
         assert zero_shot["eval_startup_s"] > 0.5  # from the process's start: the imports at least
         finetune = read(repo, f"metrics/finetune_{key}.json")[key]
         assert finetune["steps"] == 20 and finetune["reviews_per_s"] > 0
-        assert 0.5 < finetune["startup_s"] < 600
+        assert 0.5 < finetune["startup_s"] < 600 and 0 < finetune["load_s"] < finetune["startup_s"]
         assert finetune["peak_memory_gib"] > 0 and finetune["peak_vram_allocated_gib"] is None  # RSS: no GPU here
         run_info = read(repo, f"models/adapters/{key}/training.json")["run"]
         assert run_info["quantization"] == "nf4-dq" and run_info["device"] == "cpu"
