@@ -6,7 +6,8 @@
 - throughput.png: reviews per second, training and scoring;
 - accuracy.png: accuracy with its 95% Wilson interval per model and variant (fine-tuned, zero-shot);
 - confusion.png: the confusion matrix of each model and variant;
-- cost.png: what each model cost: seconds, energy (NVML; not measured on a CPU), peak memory.
+- cost.png: what each model cost: seconds (each stage's start-up hatched beneath its work), energy (NVML; not
+  measured on a CPU), peak memory.
 
 Each model keeps one colour in every figure; in the accuracy figure fine-tuned is a filled dot, zero-shot a hollow one.
 """
@@ -25,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from duel.io import write_with
@@ -199,20 +201,33 @@ def memory_figure(runs: list[ModelRun]) -> Figure:
 
 
 def grouped_bars(
-    ax: plt.Axes, groups: list[str], runs: list[ModelRun], values: dict[str, list[float | None]], digits: int
+    ax: plt.Axes,
+    groups: list[str],
+    runs: list[ModelRun],
+    values: dict[str, list[float | None]],
+    digits: int,
+    under: dict[str, list[float | None]] | None = None,
 ) -> None:
     """One group of bars per entry of `groups`, one bar per model, each labelled with its value, from zero; an
-    unmeasured value (None) is written as n/a on the axis, never drawn as a zero."""
+    unmeasured value (None) is written as n/a on the axis, never drawn as a zero. `under`: a part drawn hatched
+    beneath each bar (the stage's start-up before its work), labelled inside it; the bar's label is then the sum."""
     width = 0.8 / len(runs)
+    tops = []
     for i, run in enumerate(runs):
         xs = np.arange(len(groups)) + (i - (len(runs) - 1) / 2) * width
+        below = [u or 0.0 for u in (under or {}).get(run.key, [None] * len(groups))]
+        if any(below):
+            parts = ax.bar(xs, below, width * 0.95, color=color(i), alpha=0.4, hatch="//", edgecolor="white")
+            inside = [f"{u:,.{digits}f}" if u else "" for u in below]
+            ax.bar_label(parts, labels=inside, label_type="center", fontsize=7)
         heights = [v if v is not None else 0.0 for v in values[run.key]]
-        bars = ax.bar(xs, heights, width * 0.95, color=color(i), label=run.key)
-        labels = [f"{v:,.{digits}f}" if v is not None else "n/a" for v in values[run.key]]
+        bars = ax.bar(xs, heights, width * 0.95, bottom=below, color=color(i), label=run.key)
+        totals = [v + u if v is not None else None for v, u in zip(values[run.key], below, strict=True)]
+        labels = [f"{t:,.{digits}f}" if t is not None else "n/a" for t in totals]
         ax.bar_label(bars, labels=labels, padding=2, fontsize=8)
+        tops += [t for t in totals if t is not None]
     ax.set_xticks(np.arange(len(groups)), groups)
-    top = max((v for row in values.values() for v in row if v is not None), default=0.0)
-    ax.set_ylim(0, 1.15 * top or 1.0)  # room above the tallest bar for its label
+    ax.set_ylim(0, 1.15 * max(tops, default=0.0) or 1.0)  # room above the tallest bar for its label
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -347,16 +362,20 @@ def cost_figure(runs: list[ModelRun]) -> Figure:
 
         return {
             run.key: [
-                scaled(run.finetune[train_key]),
-                *(scaled(run.scoring[v][scoring_key]) if v in run.scoring else None for v in VARIANTS),
+                scaled(run.finetune.get(train_key)),
+                *(scaled(run.scoring[v].get(scoring_key)) if v in run.scoring else None for v in VARIANTS),
             ]
             for run in runs
         }
 
     on_gpu = gpu_run(runs)
     fig, (time_ax, energy_ax, memory_ax) = plt.subplots(1, 3, figsize=(13, 4.4))
-    grouped_bars(time_ax, groups, runs, values("train_time_s", "eval_time_s"), digits=1)
+    startup = values("startup_s", "eval_startup_s")  # None in metrics written before the stages timed it
+    grouped_bars(time_ax, groups, runs, values("train_time_s", "eval_time_s"), digits=1, under=startup)
     time_ax.set(ylabel="seconds, wall clock", title="Time (one GPU: GPU seconds)" if on_gpu else "Time")
+    if any(v is not None for row in startup.values() for v in row):
+        hatched = Patch(facecolor="lightgray", hatch="//", edgecolor="white", label="start-up: imports, model build")
+        time_ax.legend(handles=[hatched], loc="upper left", fontsize=8, frameon=False)
     energy = values("energy_j", "eval_energy_j", scale=3600)
     energy_ax.set_title("Energy (NVML counter)")
     if any(v is not None for row in energy.values() for v in row):

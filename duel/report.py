@@ -374,7 +374,7 @@ def report_markdown(
         "",
         link("throughput.png", "throughput: training and scoring reviews per second"),
         "",
-        link("cost.png", "cost per model: time, energy, peak memory"),
+        link("cost.png", "cost per model: time (start-up hatched), energy, peak memory"),
         "",
         "## Data",
         "",

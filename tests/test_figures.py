@@ -85,6 +85,20 @@ def test_cost_says_energy_was_not_measured_on_cpu_and_memory_starts_at_zero():
         assert memory.get_ylim()[0] == 0 and "memory" in memory.get_title().lower(), memory.get_title()
 
 
+def test_cost_stacks_each_stages_start_up_beneath_its_work():
+    """The time panel: each bar is the stage's start-up (hatched, labelled inside) under its work, labelled with the
+    sum; metrics from before the stages timed their start-up draw the work alone, without the hatch's legend."""
+    timed = model_run("llama", 32_000, True, 30)
+    timed.finetune["startup_s"] = 30.0
+    for variant in timed.scoring.values():
+        variant["eval_startup_s"] = 20.0
+    labels = [t.get_text() for t in cost_figure([timed]).axes[0].findobj(Text)]
+    assert {"121.4", "30.0", "50.0", "20.0"} <= set(labels)  # 91.4 s of training after 30 s; 30 s of scoring after 20
+    assert "start-up: imports, model build" in labels
+    untimed = [t.get_text() for t in cost_figure([model_run("llama", 32_000, True, 30)]).axes[0].findobj(Text)]
+    assert {"91.4", "30.0"} <= set(untimed) and "start-up: imports, model build" not in untimed
+
+
 def test_loss_figure_names_each_vocabulary_and_says_when_the_label_word_loss_is_missing():
     runs = [model_run("llama", 32_000, True, 30), model_run("deepseek", 102_400, True, 36)]
     labels = texts(loss_figure(runs))
