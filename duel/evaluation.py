@@ -32,10 +32,11 @@ def label_logits(
 
     Reviews are scored in length-sorted batches (little padding), left-padded so the answer position is the last
     one for every row, and only that position's logits are computed (logits_to_keep=1); `flattened`: a batch's
-    reviews in one row without padding instead (flattened_logits). On a CUDA out-of-memory
-    error the batch is halved and scoring goes on; `stats`, when given, gets the batch size it ended with and how
-    many times it was halved. With execution.memory_budget_gib (`budget_gib`), the allocator's cap is set again after
-    the first batch, whose kernels' memory counts against the budget (duel.checkpointing.limit_gpu_memory).
+    reviews in one row without padding instead (flattened_logits). On a CUDA out-of-memory error the batch is halved
+    and scoring goes on; `stats`, when given, gets the batch size it ended with and how many times it was halved.
+    With execution.memory_budget_gib (`budget_gib`), the allocator's cap is set again after the first batch, whose
+    kernels' memory counts against the budget (duel.checkpointing.limit_gpu_memory). DUEL_PROFILE profiles a few
+    batches (duel/profiling.py).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -100,7 +101,8 @@ def flattened_logits(model: Any, prompts: list[list[int]], pad_id: int, device: 
     """Each prompt's logits at its last position, (prompts, vocabulary): the prompts end to end in one row without
     padding or mask, as transformers' padding-free collator lays them out (DataCollatorWithFlattening): position ids
     restart at each prompt, which sdpa turns into a block mask, and the prompts' boundaries (cu_seq_lens, max_length)
-    go to varlen and Flash Attention 2; the logits are computed at the prompts' last positions only."""
+    go to varlen and Flash Attention 2; the logits are computed at the prompts' last positions only. `pad_id` is
+    unused (no padding): padded_logits' signature."""
     lengths = torch.tensor([len(p) for p in prompts])
     ends = lengths.cumsum(0)
     bounds = torch.cat([torch.zeros(1, dtype=ends.dtype), ends]).to(device=device, dtype=torch.int32)
