@@ -207,6 +207,7 @@ def budget_run(key: str, profiles: list[Path], data: dict[str, Any], args: argpa
 
 
 COMPILED = {"compile": True, "kernels": "none"}  # inductor fuses RMSNorm, RoPE and SwiGLU itself
+COMPILE_LOGS = {"TORCH_LOGS": "recompiles,graph_breaks"}
 
 
 def together(keys: list[str], profiles: list[Path], steps: int) -> None:
@@ -329,8 +330,9 @@ SWEEP: dict[str, dict[str, dict[str, Any]]] = {
     "fused-4bit": {"execution": {"fuse_projections": True, "dequantize_base": False}},
     "graphs-fused": {"execution": {"padding": "flattened", "cuda_graphs": True, "fuse_projections": True}},
     "graphs-4bit": {"execution": {"padding": "flattened", "cuda_graphs": True, "dequantize_base": False}},
-    "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED},
-    "compiled-warm": {"execution": {"dequantize_base": True} | COMPILED},
+    # dynamo says in log.txt what compiled again and where a graph broke (the first warm step took 78 s on an H100)
+    "compiled-cold": {"execution": {"dequantize_base": True} | COMPILED, "env": COMPILE_LOGS},
+    "compiled-warm": {"execution": {"dequantize_base": True} | COMPILED, "env": COMPILE_LOGS},
 }
 
 
