@@ -180,7 +180,7 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
     _check_causal_lm(key, model, config)
     if model.init == "random":
         apply_overrides(key, config, model.overrides)
-    tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained)
+    tokenizer = _hub_call(key, model, PreTrainedTokenizerFast.from_pretrained, **mistral_regex(config))
     with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         if model.init == "random":
@@ -220,6 +220,18 @@ def resolve_model(key: str, model: ModelParams, seed: int, out_dir: Path) -> dic
         }
         write_json(tmp / "model.json", info)
     return info
+
+
+# The model types whose tokenizers transformers' fix_mistral_regex is for (its own list).
+MISTRAL_TYPES = {"mistral", "mistral3", "voxtral", "ministral", "pixtral"}
+
+
+def mistral_regex(config: Any) -> dict[str, bool]:
+    """The tokenizer's fix_mistral_regex: False for any model but Mistral's. transformers 5 warns that a tokenizer
+    "with an incorrect regex pattern" will tokenize wrongly whenever the local config.json names no transformers
+    version, as an offline copy of the hub may not (DeepSeek-LLM's, a llama model, in the demo); the fix it suggests
+    is for Mistral's pre-tokenizer only. Stated, the warning goes and the tokens stay the same."""
+    return {} if config.model_type in MISTRAL_TYPES else {"fix_mistral_regex": False}
 
 
 def _random_model(config: Any, seed: int) -> PreTrainedModel:

@@ -159,3 +159,24 @@ def test_deepseek_keeps_spaces(tokenizers, text):
     assert tokenizer.decode(ids) == text
     if text == "Hello world":
         assert tokenizer.convert_ids_to_tokens(ids) == ["Hello", "Ġworld"]
+
+
+def test_deepseek_tokenizer_resolves_without_the_mistral_regex_warning(tokenizers, params, tmp_path, monkeypatch):
+    """The offline hub copy's DeepSeek-LLM config.json names no transformers version, which transformers 5 takes
+    for a Mistral tokenizer with a broken pre-tokenizer regex: it warns "This will lead to incorrect tokenization".
+    DeepSeek-LLM is a llama model, and resolve_model says so: no warning, and the tokens of the tokenizer file."""
+    import transformers.tokenization_utils_tokenizers as loading
+    from transformers import PreTrainedTokenizerFast
+
+    from duel.hub import load_tokenizer, resolve_model
+
+    warned: list[str] = []
+    monkeypatch.setattr(loading.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    tiny = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+    model = dataclasses.replace(params.model("deepseek"), init="random", overrides=tiny | {"num_key_value_heads": 4})
+    resolve_model("deepseek", model, 0, tmp_path / "base")
+    assert not [message for message in warned if "incorrect regex" in message]
+    text = "Review: Très bien, 10/10 -- a film!\nSentiment:"
+    assert load_tokenizer(tmp_path / "base")(text).input_ids == tokenizers["deepseek"](text).input_ids
+    PreTrainedTokenizerFast.from_pretrained(model.checkpoint)  # the control: loaded without saying, it warns
+    assert [message for message in warned if "incorrect regex" in message]
