@@ -237,10 +237,10 @@ def together(keys: list[str], profiles: list[Path], steps: int) -> None:
 PEER_BUDGETS = (8.0, 12.0, 16.0, 24.0, None)  # GiB; None: the whole GPU
 
 
-def prepare_steps(key: str, profiles: list[Path], steps: int) -> dict[str, Any]:
-    """A short call's data: 16 x N training reviews (64 test reviews), through download, base and tokenize; the data
-    section every fine-tune of the call then trains on."""
-    data = {"train_size": 16 * steps, "test_size": 64}
+def prepare_steps(key: str, profiles: list[Path], steps: int, test_size: int = 64) -> dict[str, Any]:
+    """A short call's data: 16 x N training reviews (64 test reviews unless `test_size` says), through download, base
+    and tokenize; the data section every fine-tune or scoring of the call then runs on."""
+    data = {"train_size": 16 * steps, "test_size": test_size}
     write_params(key, profiles, data=data, train={"steps": steps})
     for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
         stage(name, *args, tag=f"{name}_{key}")
@@ -366,10 +366,7 @@ def scoring(key: str, profiles: list[Path], reviews: int, variants: list[str], p
     """The zero_shot stage (the base model, dequantized on a GPU of 40 GiB or more, as evaluate scores) on N test
     reviews per SCORING variant, one after the other on the same reviews; with `profiled`, each again under
     torch.profiler (batches 3-5, into $OUT/profile-<key>-scoring-<variant>/), measured apart."""
-    data = {"train_size": 16, "test_size": reviews}
-    write_params(key, profiles, data=data, train={"steps": 1})
-    for name, args in (("download", ()), ("base", (key,)), ("tokenize", ())):
-        stage(name, *args, tag=f"{name}_{key}")
+    data = prepare_steps(key, profiles, 1, test_size=reviews)
     for variant in variants:
         write_params(key, profiles, data=data, train={"steps": 1}, execution=SCORING[variant])
         tag = f"zero_shot_{key}_scoring-{variant}"
